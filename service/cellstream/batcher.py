@@ -1,0 +1,427 @@
+"""One batcher per model: gathers waiting readings into one onnxruntime run.
+
+Rules: no added delay (work that arrives during a run forms the next batch), at most
+`max_batch` readings per run, never one stream twice in a run, each stream's readings in
+arrival order. The batcher task is the only writer of its StateStore: it touches the slabs
+between runs on the event loop, and the executor thread touches them only during a run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+
+from cellstream import metrics
+from cellstream.errors import (
+    CellStreamError,
+    DeadlineExpired,
+    ModelFailure,
+    Overloaded,
+    StaleSequence,
+)
+from cellstream.model import CellModel
+from cellstream.state import StateStore
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """The reply to one reading."""
+
+    stream_id: str
+    output: np.ndarray
+    state: dict[str, np.ndarray] | None
+    step: int
+    replayed: bool = False
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """Row i answers reading i of a StepBatch."""
+
+    outputs: np.ndarray
+    states: dict[str, np.ndarray] | None
+    steps: np.ndarray
+
+
+@dataclass(eq=False)
+class StepWork:
+    """One reading of one stream, with the per-step options of the Step RPC."""
+
+    stream_id: str
+    x: np.ndarray
+    future: asyncio.Future[StepResult]
+    seq: int = 0
+    reset: bool = False
+    replace: list[np.ndarray | None] | None = None
+    end: bool = False
+    want_state: bool = True
+    deadline: float | None = None
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(eq=False)
+class BatchWork:
+    """N readings of N streams (ids may repeat); applied in waves so a stream is once per run."""
+
+    stream_ids: list[str]
+    x: np.ndarray
+    future: asyncio.Future[BatchResult]
+    want_state: bool = True
+    deadline: float | None = None
+    enqueued: float = field(default_factory=time.perf_counter)
+    rows: np.ndarray | None = None
+    waves: deque[np.ndarray] = field(default_factory=deque)
+    outputs: np.ndarray | None = None
+    states: list[np.ndarray] | None = None
+    steps: np.ndarray | None = None
+    left: int = 0
+
+
+@dataclass(eq=False)
+class ControlWork(Generic[T]):
+    """A read or write of one stream outside a model run, ordered with that stream's readings."""
+
+    stream_id: str
+    action: Callable[[StateStore, int | None], T]
+    future: asyncio.Future[T]
+
+
+Work = StepWork | BatchWork | ControlWork[Any]
+
+
+@dataclass
+class Plan:
+    """What one run applies: rows and readings, plus where each result goes."""
+
+    rows: list[np.ndarray] = field(default_factory=list)
+    x: list[np.ndarray] = field(default_factory=list)
+    base_steps: list[np.ndarray] = field(default_factory=list)
+    singles: list[tuple[StepWork, int]] = field(default_factory=list)
+    pieces: list[tuple[BatchWork, np.ndarray, int]] = field(default_factory=list)
+    resets: list[int] = field(default_factory=list)
+    replacements: list[tuple[int, list[np.ndarray | None]]] = field(default_factory=list)
+    size: int = 0
+
+
+def _waves(stream_ids: list[str]) -> deque[np.ndarray]:
+    """Split positions so each wave holds a stream at most once, keeping every stream's order."""
+    n = len(stream_ids)
+    if len(set(stream_ids)) == n:
+        return deque([np.arange(n)])
+    seen: dict[str, int] = {}
+    occurrence = np.empty(n, np.int64)
+    for i, stream_id in enumerate(stream_ids):
+        occurrence[i] = seen[stream_id] = seen.get(stream_id, -1) + 1
+    order = np.argsort(occurrence, kind="stable")
+    bounds = np.cumsum(np.bincount(occurrence))[:-1]
+    return deque(np.split(order, bounds))
+
+
+class Batcher:
+    """Runs one model over the waiting readings of many streams, one run at a time."""
+
+    def __init__(self, model: CellModel, store: StateStore, *, max_batch: int, max_queue: int = 0) -> None:
+        self.model = model
+        self.store = store
+        self.max_batch = max(1, min(max_batch, model.config_max_batch or max_batch))
+        self.max_queue = max_queue
+        self._queue: deque[Work] = deque()
+        self._queued = 0  # readings waiting, for --max-queue
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"cellstream-{model.name}")
+        self._task: asyncio.Task[None] | None = None
+        name = model.name
+        self._m_queue = metrics.QUEUE_DURATION.labels(model=name)
+        self._m_compute = metrics.COMPUTE_DURATION.labels(model=name)
+        self._m_batch = metrics.BATCH_SIZE.labels(model=name)
+        self._m_steps = metrics.STEPS.labels(model=name)
+        self._m_depth = metrics.QUEUE_DEPTH.labels(model=name)
+        self._m_full = metrics.REJECTIONS.labels(model=name, reason="queue_full")
+        self._m_deadline = metrics.REJECTIONS.labels(model=name, reason="deadline")
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run_forever(), name=f"batcher-{self.model.name}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        self._executor.shutdown(wait=True)
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    def submit(self, work: Work) -> None:
+        """Queue work in arrival order; refuse at once when the queue is full."""
+        n = len(work.stream_ids) if isinstance(work, BatchWork) else 1
+        if self.max_queue and self._queued + n > self.max_queue and not isinstance(work, ControlWork):
+            self._m_full.inc()
+            raise Overloaded(
+                f"model {self.model.name!r} has {self._queued} readings waiting (--max-queue "
+                f"{self.max_queue}): retry after a short back-off"
+            )
+        self._queue.append(work)
+        self._queued += n
+        self._m_depth.set(self._queued)
+        self._idle.clear()
+        self._wake.set()
+
+    async def _run_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                self._idle.set()
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            plan = self._assemble()
+            self._m_depth.set(self._queued)
+            if not plan.size:
+                continue
+            try:
+                outputs, states, steps = await loop.run_in_executor(self._executor, self._execute, plan)
+            except Exception as exc:
+                log.exception("model %s failed on a batch of %d", self.model.name, plan.size)
+                self._fail(plan, ModelFailure(f"model {self.model.name!r} failed: {exc}"))
+                continue
+            self._complete(plan, outputs, states, steps)
+
+    def _assemble(self) -> Plan:
+        """Take waiting work in order, skipping any stream already in this run (and all after it)."""
+        store = self.store
+        busy = np.zeros(store.capacity, bool)
+        plan = Plan()
+        budget = self.max_batch
+        now = time.perf_counter()
+        deadline_now = time.monotonic()
+        kept: deque[Work] = deque()
+        queue = self._queue
+        while queue and budget:
+            work = queue.popleft()
+            if isinstance(work, BatchWork):
+                if work.rows is not None and not work.waves:
+                    continue  # failed part-way; nothing more of it runs
+                if work.rows is None:
+                    if not self._begin_batch(work, deadline_now):
+                        continue
+                    busy = self._fit(busy)
+                budget -= self._take_wave(work, busy, budget, plan, now)
+                if work.waves:
+                    kept.append(work)
+                continue
+            if work.future.done():  # the caller gave up (cancelled) before the work ran
+                self._queued -= 1
+                continue
+            row = store.row_of(work.stream_id)
+            if row is not None and busy[row]:
+                kept.append(work)
+                continue
+            self._queued -= 1
+            if isinstance(work, ControlWork):
+                self._control(work, row)
+                if row is not None and row < len(busy):
+                    busy[row] = True
+                continue
+            if work.deadline is not None and deadline_now > work.deadline:
+                self._m_deadline.inc()
+                work.future.set_exception(DeadlineExpired("the deadline passed while the reading waited"))
+                continue
+            row = self._take_single(work, row, plan, now)
+            if row is not None:
+                busy = self._fit(busy)
+                busy[row] = True
+                budget -= 1
+        kept.extend(queue)
+        self._queue = kept
+        return plan
+
+    def _fit(self, busy: np.ndarray) -> np.ndarray:
+        """Creating streams may grow the store during assembly; the busy mask follows."""
+        if len(busy) < self.store.capacity:
+            grown = np.zeros(self.store.capacity, bool)
+            grown[: len(busy)] = busy
+            return grown
+        return busy
+
+    def _take_single(self, work: StepWork, row: int | None, plan: Plan, now: float) -> int | None:
+        store = self.store
+        step = 0 if row is None else int(store.steps[row])
+        if work.seq:
+            if row is not None and work.seq == step and store.replayable[row]:
+                work.future.set_result(
+                    StepResult(
+                        work.stream_id,
+                        store.last_output[row].copy(),
+                        dict(zip(store.names, store.read(row), strict=True)) if work.want_state else None,
+                        step,
+                        replayed=True,
+                    )
+                )
+                return row
+            expected = 1 if work.reset else step + 1
+            if work.seq != expected:
+                work.future.set_exception(StaleSequence(work.stream_id, work.seq, step))
+                return row
+        if row is None:
+            try:
+                row = int(store.create([work.stream_id])[0])
+            except CellStreamError as exc:
+                work.future.set_exception(exc)
+                return None
+        position = plan.size
+        if work.reset:
+            plan.resets.append(position)
+            step = 0
+        if work.replace is not None:
+            plan.replacements.append((position, work.replace))
+        plan.rows.append(np.array([row]))
+        plan.x.append(work.x.reshape(1, -1))
+        plan.base_steps.append(np.array([step], np.uint64))
+        plan.singles.append((work, position))
+        plan.size += 1
+        self._m_queue.observe(now - work.enqueued)
+        return row
+
+    def _begin_batch(self, work: BatchWork, deadline_now: float) -> bool:
+        """First sight of a StepBatch: resolve (create) its streams and plan its waves."""
+        n = len(work.stream_ids)
+        if work.future.done() or (work.deadline is not None and deadline_now > work.deadline):
+            if not work.future.done():
+                self._m_deadline.inc()
+                work.future.set_exception(DeadlineExpired("the deadline passed while the batch waited"))
+            self._queued -= n
+            return False
+        try:
+            work.rows = self.store.rows_for(work.stream_ids)
+        except CellStreamError as exc:
+            work.future.set_exception(exc)
+            self._queued -= n
+            return False
+        work.waves = _waves(work.stream_ids)
+        work.outputs = np.empty((n, self.model.output_size), np.float32)
+        if work.want_state:
+            work.states = [np.empty((n, *spec.shape), np.float32) for spec in self.store.specs]
+        work.steps = np.empty(n, np.uint64)
+        work.left = n
+        return True
+
+    def _take_wave(self, work: BatchWork, busy: np.ndarray, budget: int, plan: Plan, now: float) -> int:
+        """Add the free part of the job's current wave (up to budget); block its other rows."""
+        assert work.rows is not None
+        wave = work.waves[0]
+        rows = work.rows[wave]
+        free = ~busy[rows]
+        take = wave[free][:budget] if not free.all() else wave[:budget]
+        if len(take):
+            taken_rows = work.rows[take]
+            plan.rows.append(taken_rows)
+            plan.x.append(work.x[take])
+            plan.base_steps.append(self.store.steps[taken_rows])
+            plan.pieces.append((work, take, plan.size))
+            plan.size += len(take)
+            self._queued -= len(take)
+            self._m_queue.observe(now - work.enqueued)
+            if len(take) == len(wave):
+                work.waves.popleft()
+            else:
+                work.waves[0] = np.setdiff1d(wave, take, assume_unique=True)
+        # Whatever of this job is still waiting holds its streams against later work.
+        for pending in work.waves:
+            busy[work.rows[pending]] = True
+        busy[work.rows[take]] = True
+        return len(take)
+
+    def _control(self, work: ControlWork[Any], row: int | None) -> None:
+        try:
+            work.future.set_result(work.action(self.store, row))
+        except CellStreamError as exc:
+            work.future.set_exception(exc)
+
+    def _execute(self, plan: Plan) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+        """Gather, run, scatter: the only code that runs off the event loop."""
+        started = time.perf_counter()
+        store = self.store
+        rows = np.concatenate(plan.rows)
+        x = np.concatenate(plan.x)
+        states = [slab[rows] for slab in store.slabs]
+        for position in plan.resets:
+            for value, spec in zip(states, store.specs, strict=True):
+                value[position] = spec.initial
+        for position, replacement in plan.replacements:
+            for value, new in zip(states, replacement, strict=True):
+                if new is not None:
+                    value[position] = new
+        outputs, next_states = self.model.run(x, states)
+        for slab, value in zip(store.slabs, next_states, strict=True):
+            slab[rows] = value
+        steps = np.concatenate(plan.base_steps) + np.uint64(1)
+        store.steps[rows] = steps
+        store.last_output[rows] = outputs
+        store.replayable[rows] = True
+        store.last_seen[rows] = time.monotonic()
+        self._m_compute.observe(time.perf_counter() - started)
+        return outputs, next_states, steps
+
+    def _complete(self, plan: Plan, outputs: np.ndarray, states: list[np.ndarray], steps: np.ndarray) -> None:
+        self._m_batch.observe(plan.size)
+        self._m_steps.inc(plan.size)
+        ended: list[str] = []
+        names = self.store.names
+        for work, position in plan.singles:
+            if work.end:
+                ended.append(work.stream_id)
+            if work.future.done():
+                continue
+            work.future.set_result(
+                StepResult(
+                    work.stream_id,
+                    outputs[position].copy(),
+                    {name: value[position].copy() for name, value in zip(names, states, strict=True)}
+                    if work.want_state
+                    else None,
+                    int(steps[position]),
+                )
+            )
+        for batch, take, start in plan.pieces:
+            end = start + len(take)
+            assert batch.outputs is not None and batch.steps is not None
+            batch.outputs[take] = outputs[start:end]
+            batch.steps[take] = steps[start:end]
+            if batch.states is not None:
+                for out, value in zip(batch.states, states, strict=True):
+                    out[take] = value[start:end]
+            batch.left -= len(take)
+            if not batch.left and not batch.future.done():
+                states_by_name = None if batch.states is None else dict(zip(names, batch.states, strict=True))
+                batch.future.set_result(BatchResult(batch.outputs, states_by_name, batch.steps))
+        if ended:
+            self.store.delete(ended)
+
+    def _fail(self, plan: Plan, error: CellStreamError) -> None:
+        for work, _ in plan.singles:
+            if not work.future.done():
+                work.future.set_exception(error)
+        for batch, _, _ in plan.pieces:
+            self._queued -= sum(len(wave) for wave in batch.waves)
+            batch.waves.clear()
+            batch.left = 0
+            if not batch.future.done():
+                batch.future.set_exception(error)

@@ -1,0 +1,95 @@
+"""`cellstream serve | health | models` — argument parsing only; the work lives elsewhere."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from cellstream import __version__
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from cellstream.config import settings_from  # noqa: PLC0415 - keep `cellstream --help` fast
+    from cellstream.errors import ModelLoadError  # noqa: PLC0415
+    from cellstream.server import run  # noqa: PLC0415
+
+    try:
+        return run(settings_from(args))
+    except ModelLoadError as exc:
+        print(f"cellstream: cannot serve: {exc}", file=sys.stderr)
+        return 2
+
+
+def _health(args: argparse.Namespace) -> int:
+    import grpc  # noqa: PLC0415
+
+    from cellstream.client import Client  # noqa: PLC0415
+
+    client = Client(args.address, timeout=args.timeout)
+    try:
+        serving = client.health(args.service)
+    except grpc.RpcError as exc:
+        print(f"{args.address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    print("SERVING" if serving else "NOT_SERVING")
+    return 0 if serving else 1
+
+
+def _models_list(args: argparse.Namespace) -> int:
+    from cellstream.config import bundled_models_dir  # noqa: PLC0415
+    from cellstream.errors import ModelLoadError  # noqa: PLC0415
+    from cellstream.model import ModelRepository  # noqa: PLC0415
+
+    try:
+        repository = ModelRepository(args.models or bundled_models_dir(), default_model=args.default_model)
+    except ModelLoadError as exc:
+        print(f"cellstream: {exc}", file=sys.stderr)
+        return 2
+    for name, model in repository.models.items():
+        states = ", ".join(f"{s.name}{list(s.shape)}" for s in model.states)
+        default = " (default)" if name == repository.default else ""
+        print(
+            f"{name}{default} version {model.version}: reading {model.reading!r} [{model.input_size}], "
+            f"answer {model.output!r} [{model.output_size}], states {states}  ({model.path})"
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cellstream.config import add_arguments  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(prog="cellstream", description="Streaming inference for recurrent cells.")
+    parser.add_argument("--version", action="version", version=f"cellstream {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the gRPC server")
+    add_arguments(serve)
+    serve.set_defaults(func=_serve)
+
+    health = commands.add_parser("health", help="exit 0 if the server's gRPC health check says SERVING")
+    health.add_argument("--address", default="127.0.0.1:50051")
+    health.add_argument("--service", default="")
+    health.add_argument("--timeout", type=float, default=3.0)
+    health.set_defaults(func=_health)
+
+    models = commands.add_parser("models", help="inspect a model repository")
+    model_commands = models.add_subparsers(dest="models_command", required=True)
+    listing = model_commands.add_parser("list", help="print the models as the server would serve them")
+    listing.add_argument("--models", type=_path, default=None)
+    listing.add_argument("--default-model", default="")
+    listing.set_defaults(func=_models_list)
+    return parser
+
+
+def _path(raw: str) -> object:
+    from pathlib import Path  # noqa: PLC0415
+
+    return Path(raw)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))

@@ -1,0 +1,286 @@
+"""Validation and orchestration: plain values in, plain results (or domain errors) out.
+
+The engine checks everything that can be checked before work is queued (ids, sizes, finite
+values, model names, shapes), so that a refused request changes nothing, and leaves anything
+that depends on the order of a stream's work (seq, state) to the model's batcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from cellstream import metrics
+from cellstream.batcher import BatchResult, Batcher, BatchWork, ControlWork, StepResult, StepWork
+from cellstream.config import Settings
+from cellstream.errors import BadInput, Draining, UnknownModel, UnknownStream, WrongModel
+from cellstream.model import CellModel, ModelRepository
+from cellstream.state import StateStore, StreamDirectory
+
+MAX_ID_BYTES = 256
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+# A state given in a request: its declared shape (may be empty: then it is taken as flat) and values.
+TensorValue = tuple[Sequence[int], np.ndarray]
+
+
+@dataclass(frozen=True)
+class StreamView:
+    """A stream's state as GetState/SetState return it."""
+
+    stream_id: str
+    model: str
+    state: dict[str, np.ndarray]
+    step: int
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """What ListModels says of one model."""
+
+    model: CellModel
+    is_default: bool
+    streams: int
+    max_batch: int
+
+
+def check_stream_id(stream_id: str, where: str = "stream_id") -> None:
+    if not stream_id:
+        raise BadInput(f"{where} is empty: every reading needs a stream id")
+    if len(stream_id) * 4 > MAX_ID_BYTES and len(stream_id.encode()) > MAX_ID_BYTES:
+        raise BadInput(f"{where} is {len(stream_id.encode())} bytes long; the limit is {MAX_ID_BYTES}")
+    if _CONTROL.search(stream_id):
+        raise BadInput(f"{where} {stream_id!r} holds a control character")
+
+
+def check_stream_ids(stream_ids: Sequence[str]) -> None:
+    """Whole-list checks in C (join, max, one regex); the slow loop only runs to name a bad index."""
+    longest = max(map(len, stream_ids))
+    if min(map(len, stream_ids)) == 0 or longest * 4 > MAX_ID_BYTES or _CONTROL.search("".join(stream_ids)):
+        for i, stream_id in enumerate(stream_ids):
+            check_stream_id(stream_id, f"stream_ids[{i}]")
+
+
+class Engine:
+    """Owns the models' batchers and stores; every RPC of the api layer is one method here."""
+
+    def __init__(self, repository: ModelRepository, settings: Settings) -> None:
+        self.repository = repository
+        self.settings = settings
+        self.directory = StreamDirectory(settings.max_streams)
+        self.batchers: dict[str, Batcher] = {}
+        for name, model in repository.models.items():
+            store = StateStore(name, model.states, model.output_size, self.directory)
+            self.batchers[name] = Batcher(model, store, max_batch=settings.max_batch, max_queue=settings.max_queue)
+        self.draining = False
+        metrics.MAX_QUEUE.set(settings.max_queue)
+        metrics.MAX_STREAMS.set(settings.max_streams)
+
+    def start(self) -> None:
+        for batcher in self.batchers.values():
+            batcher.start()
+
+    async def drain(self) -> None:
+        """Refuse new work and wait for everything queued to finish."""
+        self.draining = True
+        for batcher in self.batchers.values():
+            await batcher.wait_idle()
+
+    async def stop(self) -> None:
+        for batcher in self.batchers.values():
+            await batcher.stop()
+
+    def _batcher(self, model: str) -> Batcher:
+        if self.draining:
+            raise Draining("the server is shutting down: send this to another replica or retry later")
+        name = model or self.repository.default
+        if name is None:
+            raise BadInput(f"no model named and this server has no default model: pick one of {self.model_names()}")
+        batcher = self.batchers.get(name)
+        if batcher is None:
+            raise UnknownModel(f"model {name!r} is not served here; models: {self.model_names()}")
+        return batcher
+
+    def model_names(self) -> list[str]:
+        return sorted(self.batchers)
+
+    def _bound(self, stream_id: str, batcher: Batcher) -> None:
+        owner = self.directory.model_of(stream_id)
+        if owner is not None and owner != batcher.model.name:
+            raise WrongModel(
+                f"stream {stream_id!r} is bound to model {owner!r}, not {batcher.model.name!r}: "
+                f"delete it or use another stream id"
+            )
+
+    def _reading(self, values: Sequence[float] | np.ndarray, model: CellModel) -> np.ndarray:
+        x = np.asarray(values, np.float32)
+        if x.shape != (model.input_size,):
+            raise BadInput(
+                f"input has {x.size} values, model {model.name!r} expects {model.input_size}"
+            )
+        if not np.isfinite(x).all():
+            raise BadInput(f"input value {int(np.flatnonzero(~np.isfinite(x))[0])} is NaN or infinite")
+        return x
+
+    @staticmethod
+    def _states(given: Mapping[str, TensorValue], model: CellModel) -> list[np.ndarray | None]:
+        """Check given states by name and shape; None where a state is not given."""
+        specs = {spec.name: spec for spec in model.states}
+        unknown = set(given) - set(specs)
+        if unknown:
+            raise BadInput(f"model {model.name!r} has no state {sorted(unknown)}; its states are {sorted(specs)}")
+        result: list[np.ndarray | None] = []
+        for spec in model.states:
+            if spec.name not in given:
+                result.append(None)
+                continue
+            shape, data = given[spec.name]
+            shape = tuple(int(d) for d in shape) or (len(data),)
+            if shape not in (spec.shape, (spec.size,)) or len(data) != math.prod(shape):
+                raise BadInput(
+                    f"state {spec.name!r} has shape {list(shape)} with {len(data)} values; model "
+                    f"{model.name!r} expects shape {list(spec.shape)}"
+                )
+            value = np.asarray(data, np.float32).reshape(spec.shape)
+            if not np.isfinite(value).all():
+                raise BadInput(f"state {spec.name!r} holds NaN or infinite values")
+            result.append(value)
+        return result
+
+    def submit_step(
+        self,
+        stream_id: str,
+        model: str,
+        values: Sequence[float] | np.ndarray,
+        *,
+        state: Mapping[str, TensorValue] | None = None,
+        reset: bool = False,
+        end: bool = False,
+        seq: int = 0,
+        want_state: bool = True,
+        deadline: float | None = None,
+    ) -> asyncio.Future[StepResult]:
+        """Validate and queue one reading; the future resolves when it has run."""
+        batcher = self._batcher(model)
+        check_stream_id(stream_id)
+        self._bound(stream_id, batcher)
+        x = self._reading(values, batcher.model)
+        replace = self._states(state, batcher.model) if state else None
+        future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
+        batcher.submit(
+            StepWork(
+                stream_id, x, future, seq=seq, reset=reset, replace=replace, end=end,
+                want_state=want_state, deadline=deadline,
+            )
+        )
+        return future
+
+    async def step(self, stream_id: str, model: str, values: Sequence[float] | np.ndarray, **options: object) -> StepResult:
+        return await self.submit_step(stream_id, model, values, **options)  # type: ignore[arg-type]
+
+    async def step_batch(
+        self,
+        model: str,
+        stream_ids: Sequence[str],
+        inputs: bytes,
+        *,
+        want_state: bool = True,
+        deadline: float | None = None,
+    ) -> BatchResult:
+        """Validate the whole batch, then apply it; any bad item fails it before anything runs."""
+        batcher = self._batcher(model)
+        cell = batcher.model
+        stream_ids = list(stream_ids)
+        n = len(stream_ids)
+        if n == 0:
+            raise BadInput("stream_ids is empty")
+        if n > self.settings.max_batch_request:
+            raise BadInput(f"{n} readings in one StepBatch; the limit is {self.settings.max_batch_request}")
+        expected = n * cell.input_size * 4
+        if len(inputs) != expected:
+            raise BadInput(
+                f"inputs holds {len(inputs)} bytes; {n} readings of model {cell.name!r} need "
+                f"{n} x {cell.input_size} float32 = {expected} bytes"
+            )
+        check_stream_ids(stream_ids)
+        x = np.frombuffer(inputs, "<f4").reshape(n, cell.input_size)
+        finite = np.isfinite(x).all(axis=1)
+        if not finite.all():
+            raise BadInput(f"stream_ids[{int(np.flatnonzero(~finite)[0])}]: input holds NaN or infinity")
+        if len(self.batchers) > 1:
+            owner = self.directory.owner
+            for i, stream_id in enumerate(stream_ids):
+                bound = owner.get(stream_id)
+                if bound is not None and bound != cell.name:
+                    raise BadInput(f"stream_ids[{i}]: stream {stream_id!r} is bound to model {bound!r}")
+        future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
+        batcher.submit(
+            BatchWork(stream_ids, x.astype(np.float32), future, want_state=want_state, deadline=deadline)
+        )
+        return await future
+
+    async def _control(self, stream_id: str, model: str | None, work: ControlWork[object]) -> object:
+        batcher = self._batcher(model or self.directory.model_of(stream_id) or "")
+        batcher.submit(work)
+        return await work.future
+
+    async def get_state(self, stream_id: str) -> StreamView:
+        check_stream_id(stream_id)
+        model = self.directory.model_of(stream_id)
+        if model is None:
+            raise UnknownStream(f"stream {stream_id!r} does not exist")
+
+        def read(store: StateStore, row: int | None) -> StreamView:
+            if row is None:
+                raise UnknownStream(f"stream {stream_id!r} does not exist")
+            return StreamView(stream_id, store.model, dict(zip(store.names, store.read(row), strict=True)),
+                              int(store.steps[row]))
+
+        loop = asyncio.get_running_loop()
+        view = await self._control(stream_id, model, ControlWork(stream_id, read, loop.create_future()))
+        assert isinstance(view, StreamView)
+        return view
+
+    async def set_state(
+        self, stream_id: str, model: str, state: Mapping[str, TensorValue], step: int
+    ) -> StreamView:
+        check_stream_id(stream_id)
+        bound = self.directory.model_of(stream_id)
+        batcher = self._batcher(model or bound or "")
+        self._bound(stream_id, batcher)
+        values = self._states(state, batcher.model)
+
+        def write(store: StateStore, row: int | None) -> StreamView:
+            if row is None:
+                row = int(store.create([stream_id])[0])
+            store.write(row, values, step)
+            return StreamView(stream_id, store.model, dict(zip(store.names, store.read(row), strict=True)), step)
+
+        loop = asyncio.get_running_loop()
+        view = await self._control(stream_id, batcher.model.name, ControlWork(stream_id, write, loop.create_future()))
+        assert isinstance(view, StreamView)
+        return view
+
+    async def delete(self, stream_id: str) -> bool:
+        check_stream_id(stream_id)
+        model = self.directory.model_of(stream_id)
+        if model is None:
+            return False
+
+        def drop(store: StateStore, row: int | None) -> bool:
+            return store.delete([stream_id]) > 0
+
+        loop = asyncio.get_running_loop()
+        existed = await self._control(stream_id, model, ControlWork(stream_id, drop, loop.create_future()))
+        return bool(existed)
+
+    def list_models(self) -> list[ModelView]:
+        return [
+            ModelView(b.model, name == self.repository.default, len(b.store), b.max_batch)
+            for name, b in sorted(self.batchers.items())
+        ]

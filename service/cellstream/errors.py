@@ -1,0 +1,58 @@
+"""Domain errors. Each type maps to exactly one gRPC status code in the api layer."""
+
+from __future__ import annotations
+
+
+class CellStreamError(Exception):
+    """Base of every error a request can get; the message is meant for the user."""
+
+
+class BadInput(CellStreamError):
+    """The request itself is malformed (INVALID_ARGUMENT)."""
+
+
+class UnknownModel(CellStreamError):
+    """The named model is not served (NOT_FOUND)."""
+
+
+class UnknownStream(CellStreamError):
+    """The stream does not exist (NOT_FOUND)."""
+
+
+class WrongModel(CellStreamError):
+    """The stream is bound to another model (FAILED_PRECONDITION)."""
+
+
+class StaleSequence(CellStreamError):
+    """`seq` is neither the next step nor a retry of the last one (FAILED_PRECONDITION)."""
+
+    def __init__(self, stream_id: str, seq: int, step: int) -> None:
+        super().__init__(
+            f"stream {stream_id!r} is at step {step}: seq {seq} is neither the next reading "
+            f"(seq {step + 1}) nor a retry of the last one (seq {step})"
+        )
+        self.step = step
+
+
+class TooManyStreams(CellStreamError):
+    """No room for a new stream (RESOURCE_EXHAUSTED)."""
+
+
+class Overloaded(CellStreamError):
+    """The model's queue is full; retry later (RESOURCE_EXHAUSTED)."""
+
+
+class Draining(CellStreamError):
+    """The server is shutting down and takes no new work (UNAVAILABLE)."""
+
+
+class DeadlineExpired(CellStreamError):
+    """The caller's deadline passed before the work ran; nothing was applied (DEADLINE_EXCEEDED)."""
+
+
+class ModelFailure(CellStreamError):
+    """onnxruntime failed on a validated batch; no state was changed (INTERNAL)."""
+
+
+class ModelLoadError(Exception):
+    """A model cannot be served; the message says what to change in the model or its config."""

@@ -1,0 +1,308 @@
+"""Cell-step models: load an ONNX file, discover its contract, run batched steps.
+
+Nothing here knows about streams or gRPC; a CellModel maps a batch of readings and states
+to a batch of answers and next states.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from cellstream.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+CONFIG_FILE = "config.json"
+DEFAULT_FILE = "DEFAULT"
+CONFIG_KEYS = {"reading", "states", "output", "initial_state", "max_batch", "version", "description"}
+FLOAT = "tensor(float)"
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """One per-stream state: the model input that takes it and the output that carries its next value."""
+
+    name: str
+    output: str
+    shape: tuple[int, ...]
+    initial: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The optional config.json beside model.onnx; every field may be left out."""
+
+    reading: str | None = None
+    states: dict[str, str] | None = None
+    output: str | None = None
+    initial_state: dict[str, Any] | None = None
+    max_batch: int | None = None
+    version: str | None = None
+    description: str = ""
+
+    @classmethod
+    def read(cls, path: Path) -> ModelConfig:
+        if not path.exists():
+            return cls()
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"{path}: not valid JSON ({exc})") from exc
+        if not isinstance(raw, dict):
+            raise ModelLoadError(f"{path}: expected a JSON object")
+        unknown = set(raw) - CONFIG_KEYS
+        if unknown:
+            raise ModelLoadError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(CONFIG_KEYS)}")
+        states = raw.get("states")
+        if states is not None and not (
+            isinstance(states, dict) and all(isinstance(v, str) for v in states.values())
+        ):
+            raise ModelLoadError(f"{path}: 'states' must map state input names to output names")
+        max_batch = raw.get("max_batch")
+        if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
+            raise ModelLoadError(f"{path}: 'max_batch' must be a positive integer")
+        return cls(
+            reading=raw.get("reading"),
+            states=states,
+            output=raw.get("output"),
+            initial_state=raw.get("initial_state"),
+            max_batch=max_batch,
+            version=None if raw.get("version") is None else str(raw["version"]),
+            description=str(raw.get("description", "")),
+        )
+
+
+def _session_options(intra_op_threads: int) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Spinning threads burn a core between runs; on small machines the gRPC loop needs it.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    return options
+
+
+def _static_dims(where: str, shape: Sequence[Any]) -> tuple[int, ...]:
+    """Check the batch axis is dynamic and every other axis fixed; return the per-stream shape."""
+    if not shape:
+        raise ModelLoadError(f"{where} is a scalar; it needs a batch axis first: [batch, ...]")
+    if isinstance(shape[0], int):
+        raise ModelLoadError(
+            f"{where} has a fixed batch axis of {shape[0]}; export it with a dynamic axis 0 "
+            f"(torch.onnx.export(..., dynamic_axes={{name: {{0: 'batch'}}}}))"
+        )
+    rest = tuple(shape[1:])
+    if not all(isinstance(d, int) and d > 0 for d in rest):
+        raise ModelLoadError(f"{where} has shape {list(shape)}: every axis but the batch axis must be fixed")
+    return rest  # type: ignore[return-value]
+
+
+class CellModel:
+    """An onnxruntime session plus the contract of a cell-step model."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        name: str | None = None,
+        version: str | None = None,
+        intra_op_threads: int = 1,
+    ) -> None:
+        self.path = path
+        config = ModelConfig.read(path.parent / CONFIG_FILE)
+        self.name = name or path.parent.name
+        self.version = version or config.version or "1"
+        self.description = config.description
+        self.config_max_batch = config.max_batch
+        self.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+        try:
+            self._session = ort.InferenceSession(
+                str(path), _session_options(intra_op_threads), providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:
+            raise ModelLoadError(f"{path}: onnxruntime cannot load it: {exc}") from exc
+        inputs = {i.name: i for i in self._session.get_inputs()}
+        outputs = {o.name: o for o in self._session.get_outputs()}
+        for kind, values in (("input", inputs), ("output", outputs)):
+            for value in values.values():
+                if value.type != FLOAT:
+                    raise ModelLoadError(
+                        f"{path}: {kind} {value.name!r} is {value.type}; cellstream feeds and reads float32 "
+                        f"only: cast it to float in the model"
+                    )
+        pairs = self._pair_states(path, config, set(inputs), set(outputs))
+        self.reading = self._pick_reading(path, config, set(inputs) - set(pairs))
+        self.output = self._pick_output(path, config, set(outputs) - set(pairs.values()))
+        reading_shape = _static_dims(f"{path}: reading {self.reading!r}", inputs[self.reading].shape)
+        if len(reading_shape) != 1:
+            raise ModelLoadError(
+                f"{path}: reading {self.reading!r} has shape {inputs[self.reading].shape}; "
+                f"a reading must be [batch, features]"
+            )
+        self.input_size = reading_shape[0]
+        initial = config.initial_state or {}
+        unknown = set(initial) - set(pairs)
+        if unknown:
+            raise ModelLoadError(f"{path}: initial_state names {sorted(unknown)}, which are not states")
+        states = []
+        for state_name, out_name in sorted(pairs.items()):
+            shape = _static_dims(f"{path}: state {state_name!r}", inputs[state_name].shape)
+            states.append(StateSpec(state_name, out_name, shape, self._initial(path, state_name, shape, initial)))
+        self.states: tuple[StateSpec, ...] = tuple(states)
+        self._output_names = [self.output, *(s.output for s in self.states)]
+        self.output_size = self._probe(path)
+
+    @staticmethod
+    def _pair_states(path: Path, config: ModelConfig, inputs: set[str], outputs: set[str]) -> dict[str, str]:
+        if config.states is not None:
+            for state_name, out_name in config.states.items():
+                if state_name not in inputs:
+                    raise ModelLoadError(
+                        f"{path}: config names state input {state_name!r}, but the model's inputs are "
+                        f"{sorted(inputs)}"
+                    )
+                if out_name not in outputs:
+                    raise ModelLoadError(
+                        f"{path}: config pairs state {state_name!r} with output {out_name!r}, but the "
+                        f"model's outputs are {sorted(outputs)}"
+                    )
+            return dict(config.states)
+        pairs = {name: f"{name}_out" for name in inputs if f"{name}_out" in outputs}
+        if not pairs:
+            raise ModelLoadError(
+                f"{path}: no state pair found (inputs {sorted(inputs)}, outputs {sorted(outputs)}): name "
+                f"each state's next-value output '<state>_out', or list the pairs in {CONFIG_FILE} as "
+                f'"states": {{"h": "h_next"}}'
+            )
+        return pairs
+
+    @staticmethod
+    def _pick_reading(path: Path, config: ModelConfig, candidates: set[str]) -> str:
+        if config.reading is not None:
+            if config.reading not in candidates:
+                raise ModelLoadError(
+                    f"{path}: config names reading {config.reading!r}, but the unpaired inputs are "
+                    f"{sorted(candidates)}"
+                )
+            candidates = {config.reading}
+        if len(candidates) != 1:
+            what = "no input is left" if not candidates else f"inputs {sorted(candidates)} are all candidates"
+            raise ModelLoadError(
+                f"{path}: cannot tell which input is the reading ({what}): pair every state input with "
+                f"an output '<state>_out', or name it in {CONFIG_FILE} as \"reading\""
+            )
+        return candidates.pop()
+
+    @staticmethod
+    def _pick_output(path: Path, config: ModelConfig, candidates: set[str]) -> str:
+        if config.output is not None:
+            if config.output not in candidates:
+                raise ModelLoadError(
+                    f"{path}: config names output {config.output!r}, but the unpaired outputs are "
+                    f"{sorted(candidates)}"
+                )
+            return config.output
+        if len(candidates) != 1:
+            what = "no output is left" if not candidates else f"outputs {sorted(candidates)} are all candidates"
+            raise ModelLoadError(
+                f"{path}: cannot tell which output is the answer ({what}): name it in {CONFIG_FILE} "
+                f'as "output"'
+            )
+        return candidates.pop()
+
+    @staticmethod
+    def _initial(path: Path, name: str, shape: tuple[int, ...], initial: dict[str, Any]) -> np.ndarray:
+        if name not in initial:
+            return np.zeros(shape, np.float32)
+        try:
+            value = np.broadcast_to(np.asarray(initial[name], np.float32), shape)
+        except ValueError as exc:
+            raise ModelLoadError(
+                f"{path}: initial_state {name!r} does not fit the state's shape {list(shape)}: {exc}"
+            ) from exc
+        if not np.isfinite(value).all():
+            raise ModelLoadError(f"{path}: initial_state {name!r} holds NaN or infinity")
+        return np.array(value)
+
+    def _probe(self, path: Path) -> int:
+        """Run one batch of two to learn the answer's size and prove the state outputs fit the inputs."""
+        x = np.zeros((2, self.input_size), np.float32)
+        try:
+            y, new_states = self.run(x, [np.stack([s.initial, s.initial]) for s in self.states])
+        except Exception as exc:
+            raise ModelLoadError(f"{path}: a test run at batch 2 failed: {exc}") from exc
+        for spec, value in zip(self.states, new_states, strict=True):
+            if value.shape != (2, *spec.shape):
+                raise ModelLoadError(
+                    f"{path}: output {spec.output!r} has shape {list(value.shape[1:])} per stream, but its "
+                    f"state {spec.name!r} has {list(spec.shape)}: they must match"
+                )
+        return int(y.shape[1])
+
+    def run(self, x: np.ndarray, states: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One cell step for a batch: x [B, F], states [B, *shape] -> answer [B, output_size], next states."""
+        feeds = {self.reading: x}
+        for spec, value in zip(self.states, states, strict=True):
+            feeds[spec.name] = value
+        y, *next_states = self._session.run(self._output_names, feeds)
+        return y.reshape(len(x), -1), next_states
+
+
+def find_model_file(model_dir: Path) -> tuple[Path, str | None]:
+    """`<dir>/model.onnx`, or the highest numbered `<dir>/<version>/model.onnx` and its version."""
+    direct = model_dir / MODEL_FILE
+    if direct.is_file():
+        return direct, None
+    versions = [d for d in model_dir.iterdir() if d.is_dir() and d.name.isdigit() and (d / MODEL_FILE).is_file()]
+    if not versions:
+        raise ModelLoadError(f"{model_dir}: no {MODEL_FILE} and no <version>/{MODEL_FILE} inside")
+    best = max(versions, key=lambda d: int(d.name))
+    return best / MODEL_FILE, best.name
+
+
+class ModelRepository:
+    """The models of one directory, `<repo>/<name>/[<version>/]model.onnx`, loaded once at start."""
+
+    def __init__(self, root: Path, *, default_model: str = "", intra_op_threads: int = 1) -> None:
+        if not root.is_dir():
+            raise ModelLoadError(f"model repository {root} is not a directory")
+        self.root = root
+        self.models: dict[str, CellModel] = {}
+        for model_dir in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith((".", "_"))):
+            try:
+                path, version = find_model_file(model_dir)
+            except ModelLoadError:
+                continue  # not a model directory (e.g. scripts or docs beside the models)
+            self.models[model_dir.name] = CellModel(
+                path, name=model_dir.name, version=version, intra_op_threads=intra_op_threads
+            )
+            log.info("loaded model %s version %s from %s", model_dir.name, self.models[model_dir.name].version, path)
+        if not self.models:
+            raise ModelLoadError(f"model repository {root} holds no model (<name>/model.onnx)")
+        self.default = self._pick_default(default_model)
+
+    def _pick_default(self, requested: str) -> str | None:
+        marker = self.root / DEFAULT_FILE
+        name = requested or (marker.read_text().strip() if marker.is_file() else "")
+        if name:
+            if name not in self.models:
+                raise ModelLoadError(f"default model {name!r} is not in {self.root} (models: {sorted(self.models)})")
+            return name
+        return next(iter(self.models)) if len(self.models) == 1 else None

@@ -1,0 +1,135 @@
+"""Builds and runs the grpc.aio server: api + health + reflection + metrics endpoint.
+
+Life cycle: load models -> start batchers -> listen -> SERVING -> (SIGTERM/SIGINT) ->
+NOT_SERVING, refuse new work, finish queued work -> stop -> exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from cellstream import metrics
+from cellstream._proto.cellstream.v1 import cellstream_pb2 as pb
+from cellstream._proto.cellstream.v1 import cellstream_pb2_grpc as pb_grpc
+from cellstream.api import CellStreamServicer
+from cellstream.config import Settings
+from cellstream.engine import Engine
+from cellstream.model import ModelRepository
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CellStream"].full_name
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class Server:
+    """One cellstream server process: everything that must start and stop together."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.address = ""
+        self.metrics_address = ""
+        self._stopping = asyncio.Event()
+        self._grpc: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self._metrics_http: Any = None
+        self.engine: Engine | None = None
+
+    async def start(self) -> None:
+        started = time.perf_counter()
+        settings = self.settings
+        repository = ModelRepository(
+            settings.models, default_model=settings.default_model, intra_op_threads=settings.intra_op_threads
+        )
+        self.engine = Engine(repository, settings)
+        self.engine.start()
+        options = [
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        server = grpc.aio.server(options=options)
+        pb_grpc.add_CellStreamServicer_to_server(CellStreamServicer(self.engine, settings.stream_window), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        host, _ = split_address(settings.address)
+        port = server.add_insecure_port(settings.address)
+        if port == 0:
+            raise SystemExit(f"cannot listen on {settings.address}")
+        self.address = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+        await server.start()
+        self._grpc = server
+        if settings.metrics_address:
+            metrics_host, metrics_port = split_address(settings.metrics_address)
+            httpd, _ = start_http_server(metrics_port, metrics_host, registry=metrics.REGISTRY)
+            self._metrics_http = httpd
+            self.metrics_address = f"{metrics_host}:{httpd.server_port}"
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "serving %s on %s (metrics %s) in %.0f ms; default model %s",
+            ", ".join(repository.models), self.address, self.metrics_address or "off",
+            (time.perf_counter() - started) * 1000, repository.default,
+        )
+        if settings.ready_file is not None:
+            self._write_ready(settings.ready_file)
+
+    def _write_ready(self, path: Path) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"address": self.address, "metrics_address": self.metrics_address, "pid": os.getpid()}))
+        tmp.replace(path)
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def wait(self) -> None:
+        await self._stopping.wait()
+
+    async def stop(self) -> None:
+        """Drain: NOT_SERVING, refuse new work, let queued work finish, then close."""
+        assert self.engine is not None and self._grpc is not None
+        log.info("draining")
+        await self._health.enter_graceful_shutdown()
+        try:
+            await asyncio.wait_for(self.engine.drain(), self.settings.drain_seconds)
+        except TimeoutError:
+            log.warning("queued work did not finish within %.1f s", self.settings.drain_seconds)
+        await self._grpc.stop(grace=min(1.0, self.settings.drain_seconds))
+        await self.engine.stop()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+        log.info("stopped")
+
+
+async def serve(settings: Settings) -> None:
+    server = Server(settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.request_stop)
+    await server.start()
+    await server.wait()
+    await server.stop()
+
+
+def run(settings: Settings) -> int:
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    asyncio.run(serve(settings))
+    return 0

@@ -1,0 +1,176 @@
+"""Per-stream state kept in contiguous numpy slabs, one row per stream.
+
+A StateStore is touched by one writer at a time (its model's batcher); it knows nothing of
+gRPC or onnxruntime. Stream ids are global across models, so stores share a StreamDirectory.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from itertools import repeat
+
+import numpy as np
+
+from cellstream import metrics
+from cellstream.errors import TooManyStreams, WrongModel
+from cellstream.model import StateSpec
+
+INITIAL_CAPACITY = 1024
+
+
+class StreamDirectory:
+    """Which model each stream is bound to; enforces the server-wide stream limit."""
+
+    def __init__(self, max_streams: int = 0) -> None:
+        self.owner: dict[str, str] = {}
+        self.max_streams = max_streams
+
+    def __len__(self) -> int:
+        return len(self.owner)
+
+    def model_of(self, stream_id: str) -> str | None:
+        return self.owner.get(stream_id)
+
+    def claim(self, stream_ids: Sequence[str], model: str) -> None:
+        """Bind new streams to a model, all or none."""
+        if self.max_streams and len(self.owner) + len(stream_ids) > self.max_streams:
+            raise TooManyStreams(
+                f"the server holds {len(self.owner)} streams and --max-streams is {self.max_streams}: "
+                f"delete or end idle streams, or raise the limit"
+            )
+        owner = self.owner
+        for stream_id in stream_ids:
+            bound = owner.get(stream_id)
+            if bound is not None and bound != model:
+                raise WrongModel(f"stream {stream_id!r} is bound to model {bound!r}, not {model!r}")
+        owner.update(zip(stream_ids, repeat(model)))
+
+    def release(self, stream_ids: Sequence[str]) -> None:
+        for stream_id in stream_ids:
+            self.owner.pop(stream_id, None)
+
+
+class StateStore:
+    """The slabs of one model: state rows, step counters, last replies for seq retries."""
+
+    def __init__(
+        self,
+        model: str,
+        specs: Sequence[StateSpec],
+        output_size: int,
+        directory: StreamDirectory,
+        capacity: int = INITIAL_CAPACITY,
+    ) -> None:
+        self.model = model
+        self.specs = tuple(specs)
+        self.names = tuple(spec.name for spec in self.specs)
+        self.directory = directory
+        self.rows: dict[str, int] = {}
+        self.ids: list[str | None] = [None] * capacity
+        self.slabs = [np.empty((capacity, *spec.shape), np.float32) for spec in self.specs]
+        self.steps = np.zeros(capacity, np.uint64)
+        self.last_output = np.zeros((capacity, output_size), np.float32)
+        # A row's last_output is the reply to its latest step, valid until state is replaced.
+        self.replayable = np.zeros(capacity, bool)
+        self.last_seen = np.zeros(capacity, np.float64)
+        self._free: list[int] = []
+        self._high = 0
+        self._gauge = metrics.STREAMS.labels(model=model)
+        self._gauge.set(0)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __contains__(self, stream_id: object) -> bool:
+        return stream_id in self.rows
+
+    @property
+    def capacity(self) -> int:
+        return len(self.steps)
+
+    def row_of(self, stream_id: str) -> int | None:
+        return self.rows.get(stream_id)
+
+    def rows_for(self, stream_ids: Sequence[str]) -> np.ndarray:
+        """Rows of the given streams, creating the missing ones (all or none) at the initial state."""
+        rows = np.fromiter(map(self.rows.get, stream_ids, repeat(-1)), np.int64, len(stream_ids))
+        missing = np.flatnonzero(rows < 0)
+        if len(missing):
+            new_ids = list(dict.fromkeys(stream_ids[i] for i in missing))
+            created = self.create(new_ids)
+            lookup = dict(zip(new_ids, created.tolist(), strict=True))
+            rows[missing] = [lookup[stream_ids[i]] for i in missing]
+        return rows
+
+    def create(self, stream_ids: Sequence[str]) -> np.ndarray:
+        """New rows at the model's initial state and step 0."""
+        self.directory.claim(stream_ids, self.model)
+        n = len(stream_ids)
+        reuse = min(n, len(self._free))
+        rows = np.empty(n, np.int64)
+        if reuse:
+            rows[:reuse] = self._free[-reuse:]
+            del self._free[-reuse:]
+        fresh = n - reuse
+        if fresh:
+            self._grow(self._high + fresh)
+            rows[reuse:] = np.arange(self._high, self._high + fresh)
+            self._high += fresh
+        self.reset_rows(rows)
+        row_list = rows.tolist()
+        self.rows.update(zip(stream_ids, row_list, strict=True))
+        for stream_id, row in zip(stream_ids, row_list, strict=True):
+            self.ids[row] = stream_id
+        self.last_seen[rows] = time.monotonic()
+        self._gauge.set(len(self.rows))
+        return rows
+
+    def reset_rows(self, rows: np.ndarray) -> None:
+        for slab, spec in zip(self.slabs, self.specs, strict=True):
+            slab[rows] = spec.initial
+        self.steps[rows] = 0
+        self.replayable[rows] = False
+
+    def delete(self, stream_ids: Sequence[str]) -> int:
+        """Drop streams and recycle their rows; returns how many existed."""
+        gone = [self.rows.pop(stream_id) for stream_id in stream_ids if stream_id in self.rows]
+        for row in gone:
+            self.ids[row] = None
+        self._free.extend(gone)
+        self.replayable[gone] = False
+        self.directory.release([s for s in stream_ids if self.directory.model_of(s) == self.model])
+        self._gauge.set(len(self.rows))
+        return len(gone)
+
+    def read(self, row: int) -> list[np.ndarray]:
+        return [slab[row].copy() for slab in self.slabs]
+
+    def write(self, row: int, states: Sequence[np.ndarray | None], step: int) -> None:
+        """Replace a row's states (None keeps one) and step; the old reply can no longer be replayed."""
+        for slab, value in zip(self.slabs, states, strict=True):
+            if value is not None:
+                slab[row] = value
+        self.steps[row] = step
+        self.replayable[row] = False
+        self.last_seen[row] = time.monotonic()
+
+    def _grow(self, needed: int) -> None:
+        """Double the capacity until `needed` rows fit; only the writer calls this, between runs."""
+        capacity = self.capacity
+        if needed <= capacity:
+            return
+        while capacity < needed:
+            capacity *= 2
+
+        def grown(old: np.ndarray) -> np.ndarray:
+            new = np.zeros((capacity, *old.shape[1:]), old.dtype)
+            new[: len(old)] = old
+            return new
+
+        self.slabs = [grown(slab) for slab in self.slabs]
+        self.steps = grown(self.steps)
+        self.last_output = grown(self.last_output)
+        self.replayable = grown(self.replayable)
+        self.last_seen = grown(self.last_seen)
+        self.ids.extend([None] * (capacity - len(self.ids)))
