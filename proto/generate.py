@@ -38,8 +38,12 @@ def generate(out_dir: Path) -> list[Path]:
         written = []
         for src in sorted(Path(tmp).rglob("*.py*")):
             rel = src.relative_to(tmp)
-            text = re.sub(r"^from cellstream\.v1 import", "from cellstream._proto.cellstream.v1 import",
-                          src.read_text(), flags=re.M)
+            text = re.sub(
+                r"^from cellstream\.v1 import",
+                "from cellstream._proto.cellstream.v1 import",
+                src.read_text(),
+                flags=re.M,
+            )
             dest = out_dir / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_text(HEADER + text)

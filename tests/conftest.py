@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from cellstream.client import Client
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,15 +58,27 @@ class RunningServer:
         return self.process.returncode
 
 
-def start_server(tmp: Path, *args: str, env: dict[str, str] | None = None) -> RunningServer:
+def start_server(
+    tmp: Path, *args: str, env: dict[str, str] | None = None, models: Path | None = MODELS
+) -> RunningServer:
+    """Start `python -m cellstream serve` on 127.0.0.1 port 0 and wait for its ready file."""
     tmp.mkdir(parents=True, exist_ok=True)
     ready = tmp / "ready.json"
     ready.unlink(missing_ok=True)
     log_path = tmp / "server.log"
     command = [
-        sys.executable, "-m", "cellstream", "serve",
-        "--address", "127.0.0.1:0", "--metrics-address", "127.0.0.1:0", "--ready-file", str(ready),
-        "--models", str(MODELS), *args,
+        sys.executable,
+        "-m",
+        "cellstream",
+        "serve",
+        "--address",
+        "127.0.0.1:0",
+        "--metrics-address",
+        "127.0.0.1:0",
+        "--ready-file",
+        str(ready),
+        *(["--models", str(models)] if models else []),
+        *args,
     ]
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("CELLSTREAM_")}
     full_env.update(env or {})

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 import grpc
 import numpy as np
@@ -18,6 +19,8 @@ from cellstream._proto.cellstream.v1 import cellstream_pb2 as pb
 from cellstream._proto.cellstream.v1 import cellstream_pb2_grpc as pb_grpc
 from cellstream.batcher import StepResult
 from cellstream.engine import Engine, StreamView, TensorValue
+
+Context = grpc.aio.ServicerContext[Any, Any]
 
 CODES: dict[type[errors.CellStreamError], grpc.StatusCode] = {
     errors.BadInput: grpc.StatusCode.INVALID_ARGUMENT,
@@ -46,10 +49,12 @@ def tensors_out(state: Mapping[str, np.ndarray]) -> dict[str, pb.Tensor]:
 
 
 def stream_state(view: StreamView) -> pb.StreamState:
-    return pb.StreamState(stream_id=view.stream_id, model=view.model, state=tensors_out(view.state), step=view.step)
+    return pb.StreamState(
+        stream_id=view.stream_id, model=view.model, state=tensors_out(view.state), step=view.step
+    )
 
 
-def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+def _deadline(context: Context) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
 
@@ -71,7 +76,12 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
         )
 
     async def _fail(
-        self, context: grpc.aio.ServicerContext, method: str, model: str, error: errors.CellStreamError, started: float
+        self,
+        context: Context,
+        method: str,
+        model: str,
+        error: errors.CellStreamError,
+        started: float,
     ) -> None:
         code = code_of(error)
         self._observe(method, model, code, started)
@@ -101,7 +111,7 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
             replayed=result.replayed,
         )
 
-    async def Step(self, request: pb.StepRequest, context: grpc.aio.ServicerContext) -> pb.StepResponse:
+    async def Step(self, request: pb.StepRequest, context: Context) -> pb.StepResponse:
         started = time.perf_counter()
         try:
             result = await self._submit(request, _deadline(context))
@@ -112,7 +122,7 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
         return self._reply(request, result)
 
     async def StepStream(
-        self, request_iterator: AsyncIterator[pb.StepRequest], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[pb.StepRequest], context: Context
     ) -> AsyncIterator[pb.StepResponse]:
         # The bounded queue is the flow control: when `stream_window` replies are unsent, reading
         # stops, and HTTP/2 pushes back on the client instead of the server buffering without end.
@@ -160,7 +170,7 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
                 if entry is not None and isinstance(entry[2], asyncio.Future):
                     entry[2].cancel()
 
-    async def StepBatch(self, request: pb.StepBatchRequest, context: grpc.aio.ServicerContext) -> pb.StepBatchResponse:
+    async def StepBatch(self, request: pb.StepBatchRequest, context: Context) -> pb.StepBatchResponse:
         started = time.perf_counter()
         try:
             result = await self.engine.step_batch(
@@ -183,7 +193,7 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
         self._observe("StepBatch", request.model, grpc.StatusCode.OK, started)
         return reply
 
-    async def GetState(self, request: pb.GetStateRequest, context: grpc.aio.ServicerContext) -> pb.StreamState:
+    async def GetState(self, request: pb.GetStateRequest, context: Context) -> pb.StreamState:
         started = time.perf_counter()
         try:
             view = await self.engine.get_state(request.stream_id)
@@ -193,10 +203,12 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
         self._observe("GetState", view.model, grpc.StatusCode.OK, started)
         return stream_state(view)
 
-    async def SetState(self, request: pb.SetStateRequest, context: grpc.aio.ServicerContext) -> pb.StreamState:
+    async def SetState(self, request: pb.SetStateRequest, context: Context) -> pb.StreamState:
         started = time.perf_counter()
         try:
-            view = await self.engine.set_state(request.stream_id, request.model, tensors_in(request.state), request.step)
+            view = await self.engine.set_state(
+                request.stream_id, request.model, tensors_in(request.state), request.step
+            )
         except errors.CellStreamError as exc:
             await self._fail(context, "SetState", request.model, exc, started)
             raise
@@ -204,7 +216,7 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
         return stream_state(view)
 
     async def DeleteStream(
-        self, request: pb.DeleteStreamRequest, context: grpc.aio.ServicerContext
+        self, request: pb.DeleteStreamRequest, context: Context
     ) -> pb.DeleteStreamResponse:
         started = time.perf_counter()
         try:
@@ -215,7 +227,7 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
         self._observe("DeleteStream", "", grpc.StatusCode.OK, started)
         return pb.DeleteStreamResponse(existed=existed)
 
-    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+    async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
         started = time.perf_counter()
         models = [
             pb.ModelInfo(

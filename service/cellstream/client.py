@@ -19,7 +19,10 @@ from cellstream._proto.cellstream.v1 import cellstream_pb2_grpc as pb_grpc
 
 ArrayLike = Sequence[float] | np.ndarray
 MAX_MESSAGE = 64 * 1024 * 1024
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+]
 
 
 @dataclass(frozen=True)
@@ -131,7 +134,9 @@ def stream_state(reply: pb.StreamState) -> StreamState:
 class Client:
     """Blocking client. `Client("127.0.0.1:50051").step("sensor-1", reading)`."""
 
-    def __init__(self, address: str, *, timeout: float | None = 30.0, options: Sequence[tuple[str, Any]] = ()) -> None:
+    def __init__(
+        self, address: str, *, timeout: float | None = 30.0, options: Sequence[tuple[str, Any]] = ()
+    ) -> None:
         self.address = address
         self.timeout = timeout
         self._channel = grpc.insecure_channel(address, options=[*CHANNEL_OPTIONS, *options])
@@ -162,7 +167,9 @@ class Client:
         return batch_reply(self._stub.StepBatch(request, timeout=self.timeout), len(stream_ids))
 
     def get_state(self, stream_id: str) -> StreamState:
-        return stream_state(self._stub.GetState(pb.GetStateRequest(stream_id=stream_id), timeout=self.timeout))
+        return stream_state(
+            self._stub.GetState(pb.GetStateRequest(stream_id=stream_id), timeout=self.timeout)
+        )
 
     def set_state(
         self, stream_id: str, state: Mapping[str, ArrayLike], *, model: str = "", step: int = 0
@@ -173,7 +180,8 @@ class Client:
         return stream_state(self._stub.SetState(request, timeout=self.timeout))
 
     def delete(self, stream_id: str) -> bool:
-        return self._stub.DeleteStream(pb.DeleteStreamRequest(stream_id=stream_id), timeout=self.timeout).existed
+        reply = self._stub.DeleteStream(pb.DeleteStreamRequest(stream_id=stream_id), timeout=self.timeout)
+        return bool(reply.existed)
 
     def list_models(self) -> list[pb.ModelInfo]:
         return list(self._stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout).models)
@@ -181,13 +189,15 @@ class Client:
     def health(self, service: str = "") -> bool:
         stub = health_pb2_grpc.HealthStub(self._channel)
         reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout)
-        return reply.status == health_pb2.HealthCheckResponse.SERVING
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
 class AsyncClient:
     """asyncio client with the same methods as `Client`, awaited."""
 
-    def __init__(self, address: str, *, timeout: float | None = 30.0, options: Sequence[tuple[str, Any]] = ()) -> None:
+    def __init__(
+        self, address: str, *, timeout: float | None = 30.0, options: Sequence[tuple[str, Any]] = ()
+    ) -> None:
         self.address = address
         self.timeout = timeout
         self._channel = grpc.aio.insecure_channel(address, options=[*CHANNEL_OPTIONS, *options])
@@ -200,7 +210,7 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._channel.close(None)
 
     async def step(self, stream_id: str, reading: ArrayLike, **options: Any) -> StepReply:
         reply = await self._stub.Step(step_request(stream_id, reading, **options), timeout=self.timeout)
@@ -232,8 +242,10 @@ class AsyncClient:
         return stream_state(await self._stub.SetState(request, timeout=self.timeout))
 
     async def delete(self, stream_id: str) -> bool:
-        reply = await self._stub.DeleteStream(pb.DeleteStreamRequest(stream_id=stream_id), timeout=self.timeout)
-        return reply.existed
+        reply = await self._stub.DeleteStream(
+            pb.DeleteStreamRequest(stream_id=stream_id), timeout=self.timeout
+        )
+        return bool(reply.existed)
 
     async def list_models(self) -> list[pb.ModelInfo]:
         return list((await self._stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout)).models)

@@ -29,11 +29,15 @@ class Settings:
     )
     models: Path = field(default_factory=bundled_models_dir, metadata={"help": "model repository dir"})
     default_model: str = field(
-        default="", metadata={"help": "model for requests that name none ('' = the repository's DEFAULT file, or its only model)"}
+        default="",
+        metadata={
+            "help": "model for requests naming none ('' = the repository's DEFAULT file, or its only model)"
+        },
     )
     max_batch: int = field(default=2048, metadata={"help": "most streams in one onnxruntime run"})
     max_queue: int = field(
-        default=100_000, metadata={"help": "readings waiting per model before RESOURCE_EXHAUSTED (0 = no limit)"}
+        default=100_000,
+        metadata={"help": "readings waiting per model before RESOURCE_EXHAUSTED (0 = no limit)"},
     )
     max_streams: int = field(default=0, metadata={"help": "streams per server (0 = no limit)"})
     max_batch_request: int = field(

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cellstream import metrics
-from cellstream.batcher import BatchResult, Batcher, BatchWork, ControlWork, StepResult, StepWork
+from cellstream.batcher import Batcher, BatchResult, BatchWork, ControlWork, StepResult, StepWork
 from cellstream.config import Settings
 from cellstream.errors import BadInput, Draining, UnknownModel, UnknownStream, WrongModel
 from cellstream.model import CellModel, ModelRepository
@@ -76,7 +76,9 @@ class Engine:
         self.batchers: dict[str, Batcher] = {}
         for name, model in repository.models.items():
             store = StateStore(name, model.states, model.output_size, self.directory)
-            self.batchers[name] = Batcher(model, store, max_batch=settings.max_batch, max_queue=settings.max_queue)
+            self.batchers[name] = Batcher(
+                model, store, max_batch=settings.max_batch, max_queue=settings.max_queue
+            )
         self.draining = False
         metrics.MAX_QUEUE.set(settings.max_queue)
         metrics.MAX_STREAMS.set(settings.max_streams)
@@ -100,7 +102,9 @@ class Engine:
             raise Draining("the server is shutting down: send this to another replica or retry later")
         name = model or self.repository.default
         if name is None:
-            raise BadInput(f"no model named and this server has no default model: pick one of {self.model_names()}")
+            raise BadInput(
+                f"no model named and this server has no default model: pick one of {self.model_names()}"
+            )
         batcher = self.batchers.get(name)
         if batcher is None:
             raise UnknownModel(f"model {name!r} is not served here; models: {self.model_names()}")
@@ -120,9 +124,7 @@ class Engine:
     def _reading(self, values: Sequence[float] | np.ndarray, model: CellModel) -> np.ndarray:
         x = np.asarray(values, np.float32)
         if x.shape != (model.input_size,):
-            raise BadInput(
-                f"input has {x.size} values, model {model.name!r} expects {model.input_size}"
-            )
+            raise BadInput(f"input has {x.size} values, model {model.name!r} expects {model.input_size}")
         if not np.isfinite(x).all():
             raise BadInput(f"input value {int(np.flatnonzero(~np.isfinite(x))[0])} is NaN or infinite")
         return x
@@ -133,7 +135,9 @@ class Engine:
         specs = {spec.name: spec for spec in model.states}
         unknown = set(given) - set(specs)
         if unknown:
-            raise BadInput(f"model {model.name!r} has no state {sorted(unknown)}; its states are {sorted(specs)}")
+            raise BadInput(
+                f"model {model.name!r} has no state {sorted(unknown)}; its states are {sorted(specs)}"
+            )
         result: list[np.ndarray | None] = []
         for spec in model.states:
             if spec.name not in given:
@@ -174,13 +178,22 @@ class Engine:
         future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
         batcher.submit(
             StepWork(
-                stream_id, x, future, seq=seq, reset=reset, replace=replace, end=end,
-                want_state=want_state, deadline=deadline,
+                stream_id,
+                x,
+                future,
+                seq=seq,
+                reset=reset,
+                replace=replace,
+                end=end,
+                want_state=want_state,
+                deadline=deadline,
             )
         )
         return future
 
-    async def step(self, stream_id: str, model: str, values: Sequence[float] | np.ndarray, **options: object) -> StepResult:
+    async def step(
+        self, stream_id: str, model: str, values: Sequence[float] | np.ndarray, **options: object
+    ) -> StepResult:
         return await self.submit_step(stream_id, model, values, **options)  # type: ignore[arg-type]
 
     async def step_batch(
@@ -238,8 +251,12 @@ class Engine:
         def read(store: StateStore, row: int | None) -> StreamView:
             if row is None:
                 raise UnknownStream(f"stream {stream_id!r} does not exist")
-            return StreamView(stream_id, store.model, dict(zip(store.names, store.read(row), strict=True)),
-                              int(store.steps[row]))
+            return StreamView(
+                stream_id,
+                store.model,
+                dict(zip(store.names, store.read(row), strict=True)),
+                int(store.steps[row]),
+            )
 
         loop = asyncio.get_running_loop()
         view = await self._control(stream_id, model, ControlWork(stream_id, read, loop.create_future()))
@@ -259,10 +276,14 @@ class Engine:
             if row is None:
                 row = int(store.create([stream_id])[0])
             store.write(row, values, step)
-            return StreamView(stream_id, store.model, dict(zip(store.names, store.read(row), strict=True)), step)
+            return StreamView(
+                stream_id, store.model, dict(zip(store.names, store.read(row), strict=True)), step
+            )
 
         loop = asyncio.get_running_loop()
-        view = await self._control(stream_id, batcher.model.name, ControlWork(stream_id, write, loop.create_future()))
+        view = await self._control(
+            stream_id, batcher.model.name, ControlWork(stream_id, write, loop.create_future())
+        )
         assert isinstance(view, StreamView)
         return view
 

@@ -111,7 +111,7 @@ def _static_dims(where: str, shape: Sequence[Any]) -> tuple[int, ...]:
     rest = tuple(shape[1:])
     if not all(isinstance(d, int) and d > 0 for d in rest):
         raise ModelLoadError(f"{where} has shape {list(shape)}: every axis but the batch axis must be fixed")
-    return rest  # type: ignore[return-value]
+    return rest
 
 
 class CellModel:
@@ -164,7 +164,9 @@ class CellModel:
         states = []
         for state_name, out_name in sorted(pairs.items()):
             shape = _static_dims(f"{path}: state {state_name!r}", inputs[state_name].shape)
-            states.append(StateSpec(state_name, out_name, shape, self._initial(path, state_name, shape, initial)))
+            states.append(
+                StateSpec(state_name, out_name, shape, self._initial(path, state_name, shape, initial))
+            )
         self.states: tuple[StateSpec, ...] = tuple(states)
         self._output_names = [self.output, *(s.output for s in self.states)]
         self.output_size = self._probe(path)
@@ -220,7 +222,9 @@ class CellModel:
                 )
             return config.output
         if len(candidates) != 1:
-            what = "no output is left" if not candidates else f"outputs {sorted(candidates)} are all candidates"
+            what = (
+                "no output is left" if not candidates else f"outputs {sorted(candidates)} are all candidates"
+            )
             raise ModelLoadError(
                 f"{path}: cannot tell which output is the answer ({what}): name it in {CONFIG_FILE} "
                 f'as "output"'
@@ -270,7 +274,9 @@ def find_model_file(model_dir: Path) -> tuple[Path, str | None]:
     direct = model_dir / MODEL_FILE
     if direct.is_file():
         return direct, None
-    versions = [d for d in model_dir.iterdir() if d.is_dir() and d.name.isdigit() and (d / MODEL_FILE).is_file()]
+    versions = [
+        d for d in model_dir.iterdir() if d.is_dir() and d.name.isdigit() and (d / MODEL_FILE).is_file()
+    ]
     if not versions:
         raise ModelLoadError(f"{model_dir}: no {MODEL_FILE} and no <version>/{MODEL_FILE} inside")
     best = max(versions, key=lambda d: int(d.name))
@@ -285,7 +291,9 @@ class ModelRepository:
             raise ModelLoadError(f"model repository {root} is not a directory")
         self.root = root
         self.models: dict[str, CellModel] = {}
-        for model_dir in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith((".", "_"))):
+        for model_dir in sorted(
+            d for d in root.iterdir() if d.is_dir() and not d.name.startswith((".", "_"))
+        ):
             try:
                 path, version = find_model_file(model_dir)
             except ModelLoadError:
@@ -293,7 +301,12 @@ class ModelRepository:
             self.models[model_dir.name] = CellModel(
                 path, name=model_dir.name, version=version, intra_op_threads=intra_op_threads
             )
-            log.info("loaded model %s version %s from %s", model_dir.name, self.models[model_dir.name].version, path)
+            log.info(
+                "loaded model %s version %s from %s",
+                model_dir.name,
+                self.models[model_dir.name].version,
+                path,
+            )
         if not self.models:
             raise ModelLoadError(f"model repository {root} holds no model (<name>/model.onnx)")
         self.default = self._pick_default(default_model)
@@ -303,6 +316,8 @@ class ModelRepository:
         name = requested or (marker.read_text().strip() if marker.is_file() else "")
         if name:
             if name not in self.models:
-                raise ModelLoadError(f"default model {name!r} is not in {self.root} (models: {sorted(self.models)})")
+                raise ModelLoadError(
+                    f"default model {name!r} is not in {self.root} (models: {sorted(self.models)})"
+                )
             return name
         return next(iter(self.models)) if len(self.models) == 1 else None

@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
@@ -46,7 +47,7 @@ class Server:
         self.metrics_address = ""
         self._stopping = asyncio.Event()
         self._grpc: grpc.aio.Server | None = None
-        self._health = health.aio.HealthServicer()
+        self._health = HealthServicer()
         self._metrics_http: Any = None
         self.engine: Engine | None = None
 
@@ -64,9 +65,13 @@ class Server:
             ("grpc.so_reuseport", 0),
         ]
         server = grpc.aio.server(options=options)
-        pb_grpc.add_CellStreamServicer_to_server(CellStreamServicer(self.engine, settings.stream_window), server)
+        pb_grpc.add_CellStreamServicer_to_server(
+            CellStreamServicer(self.engine, settings.stream_window), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        )
         host, _ = split_address(settings.address)
         port = server.add_insecure_port(settings.address)
         if port == 0:
@@ -83,15 +88,20 @@ class Server:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "serving %s on %s (metrics %s) in %.0f ms; default model %s",
-            ", ".join(repository.models), self.address, self.metrics_address or "off",
-            (time.perf_counter() - started) * 1000, repository.default,
+            ", ".join(repository.models),
+            self.address,
+            self.metrics_address or "off",
+            (time.perf_counter() - started) * 1000,
+            repository.default,
         )
         if settings.ready_file is not None:
             self._write_ready(settings.ready_file)
 
     def _write_ready(self, path: Path) -> None:
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({"address": self.address, "metrics_address": self.metrics_address, "pid": os.getpid()}))
+        tmp.write_text(
+            json.dumps({"address": self.address, "metrics_address": self.metrics_address, "pid": os.getpid()})
+        )
         tmp.replace(path)
 
     def request_stop(self) -> None:

@@ -97,10 +97,11 @@ class StateStore:
         rows = np.fromiter(map(self.rows.get, stream_ids, repeat(-1)), np.int64, len(stream_ids))
         missing = np.flatnonzero(rows < 0)
         if len(missing):
-            new_ids = list(dict.fromkeys(stream_ids[i] for i in missing))
+            missing_ids = [stream_ids[i] for i in missing.tolist()]
+            new_ids = list(dict.fromkeys(missing_ids))
             created = self.create(new_ids)
             lookup = dict(zip(new_ids, created.tolist(), strict=True))
-            rows[missing] = [lookup[stream_ids[i]] for i in missing]
+            rows[missing] = [lookup[stream_id] for stream_id in missing_ids]
         return rows
 
     def create(self, stream_ids: Sequence[str]) -> np.ndarray:

@@ -1,0 +1,43 @@
+# cellstream developer commands. `make run` and `make test` work on a fresh machine with python3.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+
+.PHONY: run test lint typecheck unit proto bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Stamps record what is installed, so repeated runs skip pip until pyproject.toml changes.
+$(VENV)/.run-installed: pyproject.toml | $(BIN)/python
+	$(PIP) install -e .
+	touch $@
+
+$(VENV)/.test-installed: pyproject.toml | $(BIN)/python
+	$(PIP) install -e '.[test]'
+	touch $@
+
+## Serve the bundled models (default: gru) on 127.0.0.1:50051, metrics on 127.0.0.1:9095.
+run: $(VENV)/.run-installed
+	$(BIN)/cellstream serve
+
+## Lint, type-check and run the test suite.
+test: lint typecheck unit
+
+lint: $(VENV)/.test-installed
+	$(BIN)/ruff check service tests proto
+	$(BIN)/ruff format --check service tests proto
+
+typecheck: $(VENV)/.test-installed
+	$(BIN)/mypy
+
+unit: $(VENV)/.test-installed
+	$(BIN)/pytest
+
+## Regenerate service/cellstream/_proto from proto/ (a test fails when it is stale).
+proto: $(VENV)/.test-installed
+	$(BIN)/python proto/generate.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build dist
