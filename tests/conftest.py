@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
 from cellstream.client import Client
 
 REPO = Path(__file__).resolve().parent.parent

@@ -7,6 +7,7 @@ import itertools
 import grpc
 import numpy as np
 import pytest
+
 from cellstream.client import Client, StreamState, step_request
 from conftest import MODELS
 from reference import reference_sequence

@@ -6,6 +6,7 @@ import asyncio
 
 import numpy as np
 import pytest
+
 from cellstream.batcher import Batcher, Plan
 from cellstream.client import AsyncClient, step_request
 from cellstream.config import Settings

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from cellstream.client import Client, step_request
 from conftest import MODELS, RunningServer
 from reference import reference_sequence

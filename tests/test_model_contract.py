@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
+
 from cellstream.errors import ModelLoadError
 from cellstream.model import CellModel, ModelRepository
-from onnx import TensorProto, helper, numpy_helper
 
 F, H = 4, 3
 

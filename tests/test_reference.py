@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 import pytest
+
 from reference import load_cell, numpy_sequence, reference_sequence, state_names
 
 MODELS = Path(__file__).resolve().parent.parent / "models"

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from cellstream.client import Client, step_request
-from conftest import MODELS, RunningServer, start_server, wait_for
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from cellstream.client import Client, step_request
+from conftest import MODELS, RunningServer, start_server, wait_for
 from test_model_contract import write_cell
 
 

@@ -153,7 +153,9 @@ class Batcher:
         self._m_deadline = metrics.REJECTIONS.labels(model=name, reason="deadline")
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run_forever(), name=f"batcher-{self.model.name}")
+        self._task = asyncio.get_running_loop().create_task(
+            self._run_forever(), name=f"batcher-{self.model.name}"
+        )
 
     async def stop(self) -> None:
         if self._task is not None:

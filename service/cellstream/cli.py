@@ -61,7 +61,9 @@ def _models_list(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from cellstream.config import add_arguments  # noqa: PLC0415
 
-    parser = argparse.ArgumentParser(prog="cellstream", description="Streaming inference for recurrent cells.")
+    parser = argparse.ArgumentParser(
+        prog="cellstream", description="Streaming inference for recurrent cells."
+    )
     parser.add_argument("--version", action="version", version=f"cellstream {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
