@@ -60,7 +60,11 @@ class RunningServer:
 
 
 def start_server(
-    tmp: Path, *args: str, env: dict[str, str] | None = None, models: Path | None = MODELS
+    tmp: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    models: Path | None = MODELS,
+    address: str = "127.0.0.1:0",
 ) -> RunningServer:
     """Start `python -m cellstream serve` on 127.0.0.1 port 0 and wait for its ready file."""
     tmp.mkdir(parents=True, exist_ok=True)
@@ -73,7 +77,7 @@ def start_server(
         "cellstream",
         "serve",
         "--address",
-        "127.0.0.1:0",
+        address,
         "--metrics-address",
         "127.0.0.1:0",
         "--ready-file",

@@ -120,6 +120,8 @@ def test_reflection_lists_the_service(server: RunningServer) -> None:
             "SetState",
             "DeleteStream",
             "ListModels",
+            "ExportStates",
+            "ImportStates",
         }
 
 

@@ -21,6 +21,8 @@ from cellstream.batcher import StepResult
 from cellstream.engine import Engine, StreamView, TensorValue
 
 Context = grpc.aio.ServicerContext[Any, Any]
+STEP_METADATA = "cellstream-step"
+EXPORT_CHUNK = 1 << 20  # bytes per SnapshotChunk message
 
 CODES: dict[type[errors.CellStreamError], grpc.StatusCode] = {
     errors.BadInput: grpc.StatusCode.INVALID_ARGUMENT,
@@ -85,6 +87,9 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
     ) -> None:
         code = code_of(error)
         self._observe(method, model, code, started)
+        if isinstance(error, errors.StaleSequence):
+            # Machine-readable form of "the stream is at step N", for clients that resume.
+            context.set_trailing_metadata(((STEP_METADATA, str(error.step)),))
         await context.abort(code, str(error))
 
     def _submit(self, request: pb.StepRequest, deadline: float | None) -> asyncio.Future[StepResult]:
@@ -226,6 +231,33 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
             raise
         self._observe("DeleteStream", "", grpc.StatusCode.OK, started)
         return pb.DeleteStreamResponse(existed=existed)
+
+    async def ExportStates(
+        self, request: pb.ExportStatesRequest, context: Context
+    ) -> AsyncIterator[pb.SnapshotChunk]:
+        started = time.perf_counter()
+        try:
+            chunks = await self.engine.export_file(list(request.models))
+        except errors.CellStreamError as exc:
+            await self._fail(context, "ExportStates", "", exc, started)
+            raise
+        for chunk in chunks:
+            for offset in range(0, len(chunk), EXPORT_CHUNK):
+                yield pb.SnapshotChunk(data=chunk[offset : offset + EXPORT_CHUNK])
+        self._observe("ExportStates", "", grpc.StatusCode.OK, started)
+
+    async def ImportStates(
+        self, request_iterator: AsyncIterator[pb.SnapshotChunk], context: Context
+    ) -> pb.ImportStatesResponse:
+        started = time.perf_counter()
+        data = b"".join([chunk.data async for chunk in request_iterator])
+        try:
+            restored, dropped = await self.engine.import_file(data)
+        except errors.CellStreamError as exc:
+            await self._fail(context, "ImportStates", "", exc, started)
+            raise
+        self._observe("ImportStates", "", grpc.StatusCode.OK, started)
+        return pb.ImportStatesResponse(restored=restored, dropped=dropped)
 
     async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
         started = time.perf_counter()

@@ -141,6 +141,8 @@ class Batcher:
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        # Actions that need the store to themselves (snapshot copies, expiry): run between runs.
+        self._between: list[tuple[Callable[[StateStore], Any], asyncio.Future[Any]]] = []
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"cellstream-{model.name}")
         self._task: asyncio.Task[None] | None = None
         name = model.name
@@ -151,6 +153,7 @@ class Batcher:
         self._m_depth = metrics.QUEUE_DEPTH.labels(model=name)
         self._m_full = metrics.REJECTIONS.labels(model=name, reason="queue_full")
         self._m_deadline = metrics.REJECTIONS.labels(model=name, reason="deadline")
+        self._m_cancelled = metrics.REJECTIONS.labels(model=name, reason="cancelled")
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(
@@ -176,6 +179,11 @@ class Batcher:
         n = len(work.stream_ids) if isinstance(work, BatchWork) else 1
         if self.max_queue and self._queued + n > self.max_queue and not isinstance(work, ControlWork):
             self._m_full.inc()
+            if n > self.max_queue:
+                raise Overloaded(
+                    f"{n} readings in one request can never fit --max-queue {self.max_queue}: "
+                    f"split the batch or raise the limit"
+                )
             raise Overloaded(
                 f"model {self.model.name!r} has {self._queued} readings waiting (--max-queue "
                 f"{self.max_queue}): retry after a short back-off"
@@ -186,10 +194,32 @@ class Batcher:
         self._idle.clear()
         self._wake.set()
 
+    def between_runs(self, action: Callable[[StateStore], T]) -> asyncio.Future[T]:
+        """Run `action(store)` on the event loop while no model run is in flight."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._between.append((action, future))
+        self._idle.clear()
+        self._wake.set()
+        return future
+
+    def _run_between(self) -> None:
+        actions, self._between = self._between, []
+        for action, future in actions:
+            if future.done():
+                continue
+            try:
+                future.set_result(action(self.store))
+            except Exception as exc:
+                future.set_exception(exc)
+
     async def _run_forever(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            if self._between:
+                self._run_between()
             if not self._queue:
+                if self._between:
+                    continue
                 self._idle.set()
                 self._wake.clear()
                 await self._wake.wait()
@@ -209,7 +239,7 @@ class Batcher:
     def _assemble(self) -> Plan:
         """Take waiting work in order, skipping any stream already in this run (and all after it)."""
         store = self.store
-        busy = np.zeros(store.capacity, bool)
+        busy = store.protected = np.zeros(store.capacity, bool)
         plan = Plan()
         budget = self.max_batch
         now = time.perf_counter()
@@ -229,8 +259,9 @@ class Batcher:
                 if work.waves:
                     kept.append(work)
                 continue
-            if work.future.done():  # the caller gave up (cancelled) before the work ran
+            if work.future.done():  # the caller gave up (cancelled, deadline) before the work ran
                 self._queued -= 1
+                self._m_cancelled.inc()
                 continue
             row = store.row_of(work.stream_id)
             if row is not None and busy[row]:
@@ -253,6 +284,7 @@ class Batcher:
                 budget -= 1
         kept.extend(queue)
         self._queue = kept
+        store.protected = None
         return plan
 
     def _fit(self, busy: np.ndarray) -> np.ndarray:
@@ -260,6 +292,7 @@ class Batcher:
         if len(busy) < self.store.capacity:
             grown = np.zeros(self.store.capacity, bool)
             grown[: len(busy)] = busy
+            self.store.protected = grown
             return grown
         return busy
 

@@ -58,6 +58,24 @@ def _models_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _state_export(args: argparse.Namespace) -> int:
+    from cellstream.client import Client  # noqa: PLC0415
+
+    with Client(args.address, timeout=args.timeout) as client:
+        size = client.export_states(args.out, args.model or ())
+    print(f"wrote {size} bytes to {args.out}")
+    return 0
+
+
+def _state_import(args: argparse.Namespace) -> int:
+    from cellstream.client import Client  # noqa: PLC0415
+
+    with Client(args.address, timeout=args.timeout) as client:
+        restored, dropped = client.import_states(args.file)
+    print(f"restored {restored} streams, dropped {dropped} (model not served here or changed)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from cellstream.config import add_arguments  # noqa: PLC0415
 
@@ -83,6 +101,25 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--models", type=_path, default=None)
     listing.add_argument("--default-model", default="")
     listing.set_defaults(func=_models_list)
+
+    state = commands.add_parser("state", help="move stream states between servers (snapshot files)")
+    state_commands = state.add_subparsers(dest="state_command", required=True)
+    export = state_commands.add_parser("export", help="write a server's streams to a snapshot file")
+    export.add_argument("--address", default="127.0.0.1:50051")
+    export.add_argument("--out", type=_path, required=True)
+    export.add_argument("--model", action="append", help="only this model (repeatable)")
+    export.add_argument("--timeout", type=float, default=300.0)
+    export.set_defaults(func=_state_export)
+    load = state_commands.add_parser("import", help="load a snapshot file into a server")
+    load.add_argument("file", type=_path)
+    load.add_argument("--address", default="127.0.0.1:50051")
+    load.add_argument("--timeout", type=float, default=300.0)
+    load.set_defaults(func=_state_import)
+
+    from cellstream import check, replay  # noqa: PLC0415 - both import their heavy deps lazily
+
+    check.register(model_commands)
+    replay.register(commands)
     return parser
 
 

@@ -6,9 +6,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
+import time
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -56,6 +59,13 @@ class StreamState:
 
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
+STEP_METADATA = "cellstream-step"
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
+T = TypeVar("T")
+
+
+class ResumeError(Exception):
+    """A resuming client cannot replay what the server lost: the readings are no longer kept."""
 
 
 def tensor(value: ArrayLike) -> pb.Tensor:
@@ -131,16 +141,46 @@ def stream_state(reply: pb.StreamState) -> StreamState:
     return StreamState(reply.stream_id, reply.model, from_tensors(reply.state), reply.step)
 
 
+def stale_step(error: grpc.RpcError) -> int | None:
+    """The stream's current step carried by a stale-seq FAILED_PRECONDITION, else None."""
+    if error.code() != grpc.StatusCode.FAILED_PRECONDITION:
+        return None
+    metadata: Iterable[tuple[str, str]] = error.trailing_metadata() or ()  # type: ignore[assignment]
+    for key, value in metadata:
+        if key == STEP_METADATA:
+            return int(value)
+    return None
+
+
 class Client:
-    """Blocking client. `Client("127.0.0.1:50051").step("sensor-1", reading)`."""
+    """Blocking client. `Client("127.0.0.1:50051").step("sensor-1", reading)`.
+
+    With `resume=True` the client numbers each stream's readings itself (`seq`), keeps the last
+    `resume_window` readings per stream, retries while the server is unreachable (for up to
+    `retry_seconds`), and when a restarted server says a stream is behind (it restored an older
+    snapshot), resends the readings it lost, in order, before the current one. Each reading is
+    then applied exactly once, as if the server had never stopped.
+    """
 
     def __init__(
-        self, address: str, *, timeout: float | None = 30.0, options: Sequence[tuple[str, Any]] = ()
+        self,
+        address: str,
+        *,
+        timeout: float | None = 30.0,
+        options: Sequence[tuple[str, Any]] = (),
+        resume: bool = False,
+        resume_window: int = 100_000,
+        retry_seconds: float = 60.0,
     ) -> None:
         self.address = address
         self.timeout = timeout
+        self.resume = resume
+        self.retry_seconds = retry_seconds
         self._channel = grpc.insecure_channel(address, options=[*CHANNEL_OPTIONS, *options])
         self._stub = pb_grpc.CellStreamStub(self._channel)
+        self._window = resume_window
+        self._sent: dict[str, deque[pb.StepRequest]] = {}
+        self._next_seq: dict[str, int] = {}
 
     def __enter__(self) -> Client:
         return self
@@ -153,7 +193,65 @@ class Client:
 
     def step(self, stream_id: str, reading: ArrayLike, **options: Any) -> StepReply:
         """Apply one reading; options are those of `step_request` (model, state, reset, end, seq…)."""
-        return step_reply(self._stub.Step(step_request(stream_id, reading, **options), timeout=self.timeout))
+        if not self.resume:
+            return step_reply(
+                self._stub.Step(step_request(stream_id, reading, **options), timeout=self.timeout)
+            )
+        if not options.get("seq"):
+            options["seq"] = self._next(stream_id)
+        request = step_request(stream_id, reading, **options)
+        sent = self._sent.setdefault(stream_id, deque(maxlen=self._window))
+        sent.append(request)
+        reply = self._send_resuming(request)
+        self._next_seq[stream_id] = reply.step + 1
+        if request.end:
+            self._sent.pop(stream_id, None)
+            self._next_seq.pop(stream_id, None)
+        return reply
+
+    def _next(self, stream_id: str) -> int:
+        if stream_id not in self._next_seq:
+            try:
+                self._next_seq[stream_id] = self._retrying(lambda: self.get_state(stream_id)).step + 1
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+                self._next_seq[stream_id] = 1
+        return self._next_seq[stream_id]
+
+    def _retrying(self, call: Callable[[], T]) -> T:
+        """Retry while the server is unreachable (restarting), with capped back-off."""
+        deadline = time.monotonic() + self.retry_seconds
+        delay = 0.05
+        while True:
+            try:
+                return call()
+            except grpc.RpcError as exc:
+                if exc.code() not in RETRYABLE or time.monotonic() + delay > deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    def _send_resuming(self, request: pb.StepRequest) -> StepReply:
+        def send(r: pb.StepRequest) -> StepReply:
+            return step_reply(self._retrying(lambda: self._stub.Step(r, timeout=self.timeout)))
+
+        try:
+            return send(request)
+        except grpc.RpcError as exc:
+            at = stale_step(exc)
+            if at is None or at >= request.seq:
+                raise
+        # The server is behind (it restarted from an older snapshot): resend what it lost, in order.
+        history = [r for r in self._sent[request.stream_id] if at < r.seq < request.seq]
+        if [r.seq for r in history] != list(range(at + 1, request.seq)):
+            raise ResumeError(
+                f"stream {request.stream_id!r}: the server is at step {at}, but readings "
+                f"{at + 1}..{request.seq - 1} are no longer kept (resume_window={self._window})"
+            )
+        for lost in history:
+            send(lost)
+        return send(request)
 
     def step_stream(self, requests: Iterable[pb.StepRequest]) -> Iterator[StepReply]:
         """One StepStream call: send the requests (see `step_request`), yield replies in order."""
@@ -185,6 +283,26 @@ class Client:
 
     def list_models(self) -> list[pb.ModelInfo]:
         return list(self._stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout).models)
+
+    def export_states(self, path: Path, models: Sequence[str] = ()) -> int:
+        """Write the server's streams (or those of some models) to a snapshot file; returns its size."""
+        size = 0
+        with path.open("wb") as out:
+            for chunk in self._stub.ExportStates(pb.ExportStatesRequest(models=models), timeout=self.timeout):
+                out.write(chunk.data)
+                size += len(chunk.data)
+        return size
+
+    def import_states(self, path: Path) -> tuple[int, int]:
+        """Load a snapshot file into the server; returns (restored, dropped) stream counts."""
+
+        def chunks() -> Iterator[pb.SnapshotChunk]:
+            with path.open("rb") as source:
+                while data := source.read(1 << 20):
+                    yield pb.SnapshotChunk(data=data)
+
+        reply = self._stub.ImportStates(chunks(), timeout=self.timeout)
+        return int(reply.restored), int(reply.dropped)
 
     def health(self, service: str = "") -> bool:
         stub = health_pb2_grpc.HealthStub(self._channel)

@@ -40,6 +40,18 @@ class Settings:
         metadata={"help": "readings waiting per model before RESOURCE_EXHAUSTED (0 = no limit)"},
     )
     max_streams: int = field(default=0, metadata={"help": "streams per server (0 = no limit)"})
+    evict: str = field(
+        default="none",
+        metadata={"help": "at --max-streams: 'none' refuses new streams, 'lru' evicts the idlest"},
+    )
+    stream_ttl: float = field(
+        default=0.0, metadata={"help": "drop streams idle this many seconds (0 = never)"}
+    )
+    state_dir: Path | None = field(
+        default=None, metadata={"help": "snapshot streams here and restore them at start (off if unset)"}
+    )
+    snapshot_interval: float = field(default=30.0, metadata={"help": "seconds between snapshots"})
+    snapshot_keep: int = field(default=3, metadata={"help": "snapshot files kept (older ones are fallbacks)"})
     max_batch_request: int = field(
         default=100_000, metadata={"help": "most readings in one StepBatch request"}
     )

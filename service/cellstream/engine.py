@@ -8,10 +8,13 @@ that depends on the order of a stream's work (seq, state) to the model's batcher
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import re
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -20,7 +23,11 @@ from cellstream.batcher import Batcher, BatchResult, BatchWork, ControlWork, Ste
 from cellstream.config import Settings
 from cellstream.errors import BadInput, Draining, UnknownModel, UnknownStream, WrongModel
 from cellstream.model import CellModel, ModelRepository
-from cellstream.state import StateStore, StreamDirectory
+from cellstream.snapshot import ModelSection, SnapshotError, decode, encode
+from cellstream.state import StateStore, StreamDirectory, StreamRows
+
+log = logging.getLogger(__name__)
+SNAPSHOT_CHUNK = 16_384  # rows copied per pause of a model's traffic (~4 MB for a 64-float state)
 
 MAX_ID_BYTES = 256
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -75,7 +82,9 @@ class Engine:
         self.directory = StreamDirectory(settings.max_streams)
         self.batchers: dict[str, Batcher] = {}
         for name, model in repository.models.items():
-            store = StateStore(name, model.states, model.output_size, self.directory)
+            store = StateStore(
+                name, model.states, model.output_size, self.directory, evict_lru=settings.evict == "lru"
+            )
             self.batchers[name] = Batcher(
                 model, store, max_batch=settings.max_batch, max_queue=settings.max_queue
             )
@@ -299,6 +308,95 @@ class Engine:
         loop = asyncio.get_running_loop()
         existed = await self._control(stream_id, model, ControlWork(stream_id, drop, loop.create_future()))
         return bool(existed)
+
+    async def snapshot(self, models: Sequence[str] = ()) -> list[ModelSection]:
+        """Copy every stream, a chunk of rows at a time between runs, so traffic pauses only briefly."""
+        unknown = set(models) - set(self.batchers)
+        if unknown:
+            raise UnknownModel(f"no model {sorted(unknown)} here; models: {self.model_names()}")
+        sections = []
+        for name, batcher in sorted(self.batchers.items()):
+            if models and name not in models:
+                continue
+            store = batcher.store
+            high = await batcher.between_runs(lambda s: s.high_water)
+            parts = [store.copy_rows(0, 0)]
+            for start in range(0, high, SNAPSHOT_CHUNK):
+                stop = start + SNAPSHOT_CHUNK
+                parts.append(
+                    await batcher.between_runs(partial(StateStore.copy_rows, start=start, stop=stop))
+                )
+            model = batcher.model
+            sections.append(
+                ModelSection(
+                    name,
+                    model.version,
+                    model.sha256,
+                    model.output_size,
+                    list(store.names),
+                    [spec.shape for spec in model.states],
+                    StreamRows.concat(parts),
+                )
+            )
+        return sections
+
+    def restore(self, sections: Sequence[ModelSection]) -> int:
+        """Load snapshot sections before serving; streams of a changed or missing model are dropped."""
+        restored = 0
+        for section, batcher in self._servable(sections):
+            batcher.store.restore(section.rows)
+            restored += len(section.rows)
+        return restored
+
+    async def import_sections(self, sections: Sequence[ModelSection]) -> tuple[int, int]:
+        """Load snapshot sections into a running server, each model between its runs."""
+        restored = 0
+        for section, batcher in self._servable(sections):
+            await batcher.between_runs(partial(StateStore.restore, rows=section.rows))
+            restored += len(section.rows)
+        return restored, sum(len(s.rows) for s in sections) - restored
+
+    async def export_file(self, models: Sequence[str] = ()) -> list[bytes]:
+        """A snapshot file's bytes (as chunks) of the given models' streams."""
+        sections = await self.snapshot(models)
+        return await asyncio.to_thread(encode, sections)
+
+    async def import_file(self, data: bytes) -> tuple[int, int]:
+        """Load a snapshot file's streams; returns (restored, dropped)."""
+        try:
+            _, sections = await asyncio.to_thread(decode, data)
+        except SnapshotError as exc:
+            raise BadInput(f"not a usable snapshot file: {exc}") from exc
+        if self.draining:
+            raise Draining("the server is shutting down")
+        return await self.import_sections(sections)
+
+    def _servable(self, sections: Sequence[ModelSection]) -> list[tuple[ModelSection, Batcher]]:
+        """Sections whose model is served at the same version and file hash; the rest are counted."""
+        servable = []
+        for section in sections:
+            batcher = self.batchers.get(section.name)
+            model = batcher.model if batcher else None
+            if model is None or (model.version, model.sha256) != (section.version, section.sha256):
+                reason = "model_missing" if model is None else "model_changed"
+                log.warning(
+                    "dropping %d streams of model %s version %s from the snapshot: %s",
+                    len(section.rows),
+                    section.name,
+                    section.version,
+                    "the model is not served" if model is None else "the model file changed",
+                )
+                metrics.STREAMS_DROPPED.labels(reason=reason).inc(len(section.rows))
+                continue
+            assert batcher is not None
+            servable.append((section, batcher))
+        return servable
+
+    async def expire(self, ttl: float) -> int:
+        """Drop streams idle longer than ttl seconds."""
+        cutoff = time.monotonic() - ttl
+        counts = [await b.between_runs(lambda s: s.expire(cutoff)) for b in self.batchers.values()]
+        return sum(counts)
 
     def list_models(self) -> list[ModelView]:
         return [

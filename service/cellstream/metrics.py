@@ -74,3 +74,21 @@ STREAMS_DROPPED = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+SNAPSHOT_DURATION = Histogram(
+    "cellstream_snapshot_duration_seconds",
+    "Taking one snapshot: copying the streams and writing the file.",
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+    registry=REGISTRY,
+)
+SNAPSHOT_LAST_SUCCESS = Gauge(
+    "cellstream_snapshot_last_success_timestamp_seconds",
+    "Unix time of the last snapshot written (0 = none yet); alert on its age.",
+    registry=REGISTRY,
+)
+SNAPSHOT_BYTES = Gauge("cellstream_snapshot_bytes", "Size of the last snapshot file.", registry=REGISTRY)
+SNAPSHOT_STREAMS = Gauge(
+    "cellstream_snapshot_streams", "Streams in the last snapshot file.", registry=REGISTRY
+)
+SNAPSHOT_FAILURES = Counter(
+    "cellstream_snapshot_failures", "Snapshots that could not be written.", registry=REGISTRY
+)

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from cellstream.api import CellStreamServicer
 from cellstream.config import Settings
 from cellstream.engine import Engine
 from cellstream.model import ModelRepository
+from cellstream.snapshot import SnapshotDir
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CellStream"].full_name
@@ -49,6 +51,8 @@ class Server:
         self._grpc: grpc.aio.Server | None = None
         self._health = HealthServicer()
         self._metrics_http: Any = None
+        self._snapshots: SnapshotDir | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self.engine: Engine | None = None
 
     async def start(self) -> None:
@@ -58,6 +62,9 @@ class Server:
             settings.models, default_model=settings.default_model, intra_op_threads=settings.intra_op_threads
         )
         self.engine = Engine(repository, settings)
+        if settings.state_dir is not None:
+            self._snapshots = SnapshotDir(settings.state_dir, settings.snapshot_keep)
+            self._restore(self._snapshots)
         self.engine.start()
         options = [
             ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -94,8 +101,57 @@ class Server:
             (time.perf_counter() - started) * 1000,
             repository.default,
         )
+        loop = asyncio.get_running_loop()
+        if self._snapshots is not None and settings.snapshot_interval > 0:
+            self._tasks.append(loop.create_task(self._every(settings.snapshot_interval, self.snapshot)))
+        if settings.stream_ttl > 0:
+            self._tasks.append(
+                loop.create_task(self._every(min(settings.stream_ttl / 2, 10.0), self._expire))
+            )
         if settings.ready_file is not None:
             self._write_ready(settings.ready_file)
+
+    def _restore(self, snapshots: SnapshotDir) -> None:
+        assert self.engine is not None
+        found = snapshots.newest_valid()
+        if found is None:
+            log.info("no snapshot in %s: starting empty", snapshots.root)
+            return
+        path, sections = found
+        restored = self.engine.restore(sections)
+        log.info("restored %d streams from %s", restored, path)
+
+    async def _every(self, interval: float, action: Callable[[], Awaitable[object]]) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await action()
+            except Exception:
+                log.exception("periodic %s failed", getattr(action, "__name__", action))
+
+    async def _expire(self) -> None:
+        assert self.engine is not None
+        dropped = await self.engine.expire(self.settings.stream_ttl)
+        if dropped:
+            log.info("dropped %d streams idle for more than %.0f s", dropped, self.settings.stream_ttl)
+
+    async def snapshot(self) -> None:
+        """Copy the streams between runs, then write the file off the event loop."""
+        assert self.engine is not None and self._snapshots is not None
+        started = time.perf_counter()
+        try:
+            sections = await self.engine.snapshot()
+            path, size = await asyncio.to_thread(self._snapshots.write, sections)
+        except Exception:
+            metrics.SNAPSHOT_FAILURES.inc()
+            raise
+        elapsed = time.perf_counter() - started
+        streams = sum(len(section.rows) for section in sections)
+        metrics.SNAPSHOT_DURATION.observe(elapsed)
+        metrics.SNAPSHOT_LAST_SUCCESS.set(time.time())
+        metrics.SNAPSHOT_BYTES.set(size)
+        metrics.SNAPSHOT_STREAMS.set(streams)
+        log.info("snapshot of %d streams: %s, %d bytes in %.0f ms", streams, path.name, size, elapsed * 1000)
 
     def _write_ready(self, path: Path) -> None:
         tmp = path.with_name(path.name + ".tmp")
@@ -115,10 +171,18 @@ class Server:
         assert self.engine is not None and self._grpc is not None
         log.info("draining")
         await self._health.enter_graceful_shutdown()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         try:
             await asyncio.wait_for(self.engine.drain(), self.settings.drain_seconds)
         except TimeoutError:
             log.warning("queued work did not finish within %.1f s", self.settings.drain_seconds)
+        if self._snapshots is not None:
+            try:
+                await self.snapshot()
+            except Exception:
+                log.exception("the final snapshot failed")
         await self._grpc.stop(grace=min(1.0, self.settings.drain_seconds))
         await self.engine.stop()
         if self._metrics_http is not None:

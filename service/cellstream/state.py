@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from itertools import repeat
 
 import numpy as np
@@ -32,9 +33,13 @@ class StreamDirectory:
     def model_of(self, stream_id: str) -> str | None:
         return self.owner.get(stream_id)
 
+    def shortfall(self, wanted: int) -> int:
+        """How many streams must go before `wanted` new ones fit under --max-streams."""
+        return max(0, len(self.owner) + wanted - self.max_streams) if self.max_streams else 0
+
     def claim(self, stream_ids: Sequence[str], model: str) -> None:
         """Bind new streams to a model, all or none."""
-        if self.max_streams and len(self.owner) + len(stream_ids) > self.max_streams:
+        if self.shortfall(len(stream_ids)):
             raise TooManyStreams(
                 f"the server holds {len(self.owner)} streams and --max-streams is {self.max_streams}: "
                 f"delete or end idle streams, or raise the limit"
@@ -61,8 +66,14 @@ class StateStore:
         output_size: int,
         directory: StreamDirectory,
         capacity: int = INITIAL_CAPACITY,
+        *,
+        evict_lru: bool = False,
     ) -> None:
         self.model = model
+        self.evict_lru = evict_lru
+        # Rows the batcher has planned into the next run; eviction must leave them alone.
+        self.protected: np.ndarray | None = None
+        self._lru_candidates: list[int] = []
         self.specs = tuple(specs)
         self.names = tuple(spec.name for spec in self.specs)
         self.directory = directory
@@ -74,6 +85,7 @@ class StateStore:
         # A row's last_output is the reply to its latest step, valid until state is replaced.
         self.replayable = np.zeros(capacity, bool)
         self.last_seen = np.zeros(capacity, np.float64)
+        self.alive = np.zeros(capacity, bool)
         self._free: list[int] = []
         self._high = 0
         self._gauge = metrics.STREAMS.labels(model=model)
@@ -106,6 +118,9 @@ class StateStore:
 
     def create(self, stream_ids: Sequence[str]) -> np.ndarray:
         """New rows at the model's initial state and step 0."""
+        short = self.directory.shortfall(len(stream_ids))
+        if short and self.evict_lru:
+            self._evict_least_recent(short)
         self.directory.claim(stream_ids, self.model)
         n = len(stream_ids)
         reuse = min(n, len(self._free))
@@ -124,6 +139,7 @@ class StateStore:
         for stream_id, row in zip(stream_ids, row_list, strict=True):
             self.ids[row] = stream_id
         self.last_seen[rows] = time.monotonic()
+        self.alive[rows] = True
         self._gauge.set(len(self.rows))
         return rows
 
@@ -140,6 +156,7 @@ class StateStore:
             self.ids[row] = None
         self._free.extend(gone)
         self.replayable[gone] = False
+        self.alive[gone] = False
         self.directory.release([s for s in stream_ids if self.directory.model_of(s) == self.model])
         self._gauge.set(len(self.rows))
         return len(gone)
@@ -174,4 +191,103 @@ class StateStore:
         self.last_output = grown(self.last_output)
         self.replayable = grown(self.replayable)
         self.last_seen = grown(self.last_seen)
+        self.alive = grown(self.alive)
         self.ids.extend([None] * (capacity - len(self.ids)))
+
+    def _protected(self, rows: np.ndarray) -> np.ndarray:
+        """Which of these rows the batcher planned into the next run (the mask may predate growth)."""
+        result = np.zeros(len(rows), bool)
+        if self.protected is not None:
+            inside = rows < len(self.protected)
+            result[inside] = self.protected[rows[inside]]
+        return result
+
+    def _evict_least_recent(self, count: int) -> None:
+        """Drop the `count` streams idle longest (never one planned into the next run).
+
+        Candidates are found with one argpartition and kept for later calls, so a server at its
+        limit pays O(capacity) once per many evictions rather than per new stream.
+        """
+        evicted: list[str] = []
+        while len(evicted) < count:
+            if not self._lru_candidates:
+                live = np.flatnonzero(self.alive)
+                live = live[~self._protected(live)]
+                if not len(live):
+                    break
+                k = min(len(live), max(count - len(evicted), 256))
+                oldest = live[np.argpartition(self.last_seen[live], k - 1)[:k]]
+                self._lru_candidates = oldest[np.argsort(self.last_seen[oldest])[::-1]].tolist()
+            row = self._lru_candidates.pop()
+            stream_id = self.ids[row]
+            if stream_id is None or self._protected(np.array([row]))[0]:
+                continue
+            evicted.append(stream_id)
+            self.delete([stream_id])
+        if evicted:
+            metrics.STREAMS_DROPPED.labels(reason="lru").inc(len(evicted))
+
+    def expire(self, older_than: float) -> int:
+        """Drop streams whose last activity is before `older_than` (time.monotonic seconds)."""
+        stale = np.flatnonzero(self.alive & (self.last_seen < older_than))
+        stale = stale[~self._protected(stale)]
+        if len(stale):
+            self.delete([self.ids[row] for row in stale.tolist()])
+            metrics.STREAMS_DROPPED.labels(reason="ttl").inc(len(stale))
+        return len(stale)
+
+    def copy_rows(self, start: int, stop: int) -> StreamRows:
+        """A consistent copy of the live streams among rows [start, stop), for snapshots."""
+        rows = np.flatnonzero(self.alive[start:stop]) + start
+        return StreamRows(
+            ids=[self.ids[row] for row in rows.tolist()],  # type: ignore[misc]
+            steps=self.steps[rows],
+            replayable=self.replayable[rows],
+            last_output=self.last_output[rows],
+            states=[slab[rows] for slab in self.slabs],
+        )
+
+    @property
+    def high_water(self) -> int:
+        return self._high
+
+    def restore(self, rows: StreamRows) -> None:
+        """Recreate streams from a copy (a snapshot); streams of the same ids are overwritten in place.
+
+        In place, because queued work may already hold those rows: they must keep their identity.
+        """
+        existing = [self.rows.get(stream_id) for stream_id in rows.ids]
+        fresh = [stream_id for stream_id, row in zip(rows.ids, existing, strict=True) if row is None]
+        created = iter(self.create(fresh).tolist()) if fresh else iter(())
+        new = np.array([next(created) if row is None else row for row in existing], np.int64)
+        self.last_seen[new] = time.monotonic()
+        for slab, values in zip(self.slabs, rows.states, strict=True):
+            slab[new] = values
+        self.steps[new] = rows.steps
+        self.replayable[new] = rows.replayable
+        self.last_output[new] = rows.last_output
+
+
+@dataclass
+class StreamRows:
+    """Plain arrays of some streams of one model: what snapshots write and restores read."""
+
+    ids: list[str]
+    steps: np.ndarray
+    replayable: np.ndarray
+    last_output: np.ndarray
+    states: list[np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @staticmethod
+    def concat(parts: Sequence[StreamRows]) -> StreamRows:
+        """Join copies; pass at least one part (an empty copy gives the shapes)."""
+        return StreamRows(
+            ids=[stream_id for part in parts for stream_id in part.ids],
+            steps=np.concatenate([p.steps for p in parts]),
+            replayable=np.concatenate([p.replayable for p in parts]),
+            last_output=np.concatenate([p.last_output for p in parts]),
+            states=[np.concatenate([p.states[k] for p in parts]) for k in range(len(parts[0].states))],
+        )

@@ -71,6 +71,16 @@ class CellStreamStub:
                 request_serializer=cellstream_dot_v1_dot_cellstream__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=cellstream_dot_v1_dot_cellstream__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.ExportStates = channel.unary_stream(
+                '/cellstream.v1.CellStream/ExportStates',
+                request_serializer=cellstream_dot_v1_dot_cellstream__pb2.ExportStatesRequest.SerializeToString,
+                response_deserializer=cellstream_dot_v1_dot_cellstream__pb2.SnapshotChunk.FromString,
+                _registered_method=True)
+        self.ImportStates = channel.stream_unary(
+                '/cellstream.v1.CellStream/ImportStates',
+                request_serializer=cellstream_dot_v1_dot_cellstream__pb2.SnapshotChunk.SerializeToString,
+                response_deserializer=cellstream_dot_v1_dot_cellstream__pb2.ImportStatesResponse.FromString,
+                _registered_method=True)
 
 
 class CellStreamServicer:
@@ -128,6 +138,20 @@ class CellStreamServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportStates(self, request, context):
+        """Every stream (or those of some models) as a snapshot file, streamed in chunks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportStates(self, request_iterator, context):
+        """Load a snapshot file (as ExportStates writes it); streams of the same ids are replaced.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CellStreamServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -165,6 +189,16 @@ def add_CellStreamServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=cellstream_dot_v1_dot_cellstream__pb2.ListModelsRequest.FromString,
                     response_serializer=cellstream_dot_v1_dot_cellstream__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'ExportStates': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportStates,
+                    request_deserializer=cellstream_dot_v1_dot_cellstream__pb2.ExportStatesRequest.FromString,
+                    response_serializer=cellstream_dot_v1_dot_cellstream__pb2.SnapshotChunk.SerializeToString,
+            ),
+            'ImportStates': grpc.stream_unary_rpc_method_handler(
+                    servicer.ImportStates,
+                    request_deserializer=cellstream_dot_v1_dot_cellstream__pb2.SnapshotChunk.FromString,
+                    response_serializer=cellstream_dot_v1_dot_cellstream__pb2.ImportStatesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -357,6 +391,60 @@ class CellStream:
             '/cellstream.v1.CellStream/ListModels',
             cellstream_dot_v1_dot_cellstream__pb2.ListModelsRequest.SerializeToString,
             cellstream_dot_v1_dot_cellstream__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportStates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cellstream.v1.CellStream/ExportStates',
+            cellstream_dot_v1_dot_cellstream__pb2.ExportStatesRequest.SerializeToString,
+            cellstream_dot_v1_dot_cellstream__pb2.SnapshotChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportStates(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/cellstream.v1.CellStream/ImportStates',
+            cellstream_dot_v1_dot_cellstream__pb2.SnapshotChunk.SerializeToString,
+            cellstream_dot_v1_dot_cellstream__pb2.ImportStatesResponse.FromString,
             options,
             channel_credentials,
             insecure,
