@@ -195,3 +195,38 @@ def test_snapshot_format_round_trips_in_memory() -> None:
     assert created == 12.5 and back.rows.ids == ["a", "b"] and back.state_shapes == [(2, 2)]
     np.testing.assert_array_equal(back.rows.states[0], rows.states[0])
     np.testing.assert_array_equal(back.rows.steps, rows.steps)
+
+
+def test_sigterm_under_load_every_ok_reply_is_in_the_final_snapshot(tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    server = durable(tmp_path / "a", state_dir, "--snapshot-interval", "0")
+    acknowledged: dict[str, int] = {}
+    started = threading.Event()
+
+    def load() -> None:
+        from cellstream.client import step_request  # noqa: PLC0415
+
+        with server.client(timeout=30) as client:
+            try:
+                for reply in client.step_stream(
+                    step_request(f"term-{i % 20}", X[i % len(X)], omit_state=True) for i in range(200_000)
+                ):
+                    if reply.error is None:
+                        acknowledged[reply.stream_id] = reply.step
+                        started.set()
+            except grpc.RpcError:
+                pass
+
+    thread = threading.Thread(target=load)
+    thread.start()
+    assert started.wait(30)
+    wait_for(lambda: sum(acknowledged.values()) > 2000, timeout=60)
+    assert server.stop(signal.SIGTERM) == 0, server.log()
+    thread.join(30)
+    restarted = durable(tmp_path / "b", state_dir, "--snapshot-interval", "0")
+    try:
+        with restarted.client() as client:
+            for stream_id, step in acknowledged.items():
+                assert client.get_state(stream_id).step >= step, stream_id
+    finally:
+        assert restarted.stop() == 0
