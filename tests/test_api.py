@@ -372,4 +372,8 @@ def test_list_models_counts_streams(client: Client) -> None:
     client.step(new_id("count"), X, model="gru2")
     assert count() == start + 1
     versions = {m.name: m.version for m in client.list_models()}
-    assert versions == {"gru": "1", "gru2": "1", "lstm": "1"}
+    assert {name: versions[name] for name in ("gru", "gru2", "lstm")} == {
+        "gru": "1",
+        "gru2": "1",
+        "lstm": "1",
+    }

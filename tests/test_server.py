@@ -70,7 +70,7 @@ def test_metrics_count_steps_and_latency_after_traffic(server: RunningServer, cl
     assert sample(text, 'cellstream_compute_duration_seconds_count{model="gru2"}') >= 1
     assert sample(text, 'cellstream_queue_duration_seconds_count{model="gru2"}') >= 1
     assert sample(text, 'cellstream_batch_size_count{model="gru2"}') >= 1
-    assert sample(text, 'cellstream_streams{model="gru2"}') >= 4
+    assert sample(text, 'cellstream_streams{model="gru2",version="1"}') >= 4
     assert "metrics-a" not in text  # stream ids never become labels
 
 

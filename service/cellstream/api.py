@@ -67,10 +67,12 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
     def __init__(self, engine: Engine, stream_window: int = 1024) -> None:
         self.engine = engine
         self.stream_window = stream_window
-        served = set(engine.batchers)
-        default = engine.repository.default or ""
-        # Metric labels only ever carry served model names (never arbitrary client strings).
-        self._label = lambda model: (model or default) if (model or default) in served else "unknown"
+        self._default = engine.repository.default or ""
+
+    def _label(self, model: str) -> str:
+        """Metric labels only ever carry served model names (never arbitrary client strings)."""
+        name = model or self._default
+        return name if name in self.engine.deployment.current else "unknown"
 
     def _observe(self, method: str, model: str, code: grpc.StatusCode, started: float) -> None:
         metrics.REQUEST_DURATION.labels(method=method, model=self._label(model), code=code.name).observe(
@@ -271,6 +273,7 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
                 is_default=view.is_default,
                 streams=view.streams,
                 max_batch=view.max_batch,
+                current=view.current,
             )
             for view in self.engine.list_models()
         ]

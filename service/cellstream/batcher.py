@@ -68,6 +68,8 @@ class StepWork:
     want_state: bool = True
     deadline: float | None = None
     enqueued: float = field(default_factory=time.perf_counter)
+    # Set when the stream moves here from another model version: run only once it left there.
+    after: asyncio.Future[Any] | None = None
 
 
 @dataclass(eq=False)
@@ -145,6 +147,8 @@ class Batcher:
         self._between: list[tuple[Callable[[StateStore], Any], asyncio.Future[Any]]] = []
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"cellstream-{model.name}")
         self._task: asyncio.Task[None] | None = None
+        # While set and not done, no work runs (a new version waiting for its streams to arrive).
+        self.hold: asyncio.Future[None] | None = None
         name = model.name
         self._m_queue = metrics.QUEUE_DURATION.labels(model=name)
         self._m_compute = metrics.COMPUTE_DURATION.labels(model=name)
@@ -154,6 +158,10 @@ class Batcher:
         self._m_full = metrics.REJECTIONS.labels(model=name, reason="queue_full")
         self._m_deadline = metrics.REJECTIONS.labels(model=name, reason="deadline")
         self._m_cancelled = metrics.REJECTIONS.labels(model=name, reason="cancelled")
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.store.key
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(
@@ -224,6 +232,9 @@ class Batcher:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            if self.hold is not None and not self.hold.done():
+                await asyncio.wait([self.hold])
+                continue
             plan = self._assemble()
             self._m_depth.set(self._queued)
             if not plan.size:
@@ -245,12 +256,17 @@ class Batcher:
         now = time.perf_counter()
         deadline_now = time.monotonic()
         kept: deque[Work] = deque()
+        waiting: set[str] = set()  # streams whose earlier work waits on another model version
         queue = self._queue
         while queue and budget:
             work = queue.popleft()
             if isinstance(work, BatchWork):
                 if work.rows is not None and not work.waves:
                     continue  # failed part-way; nothing more of it runs
+                if waiting and not waiting.isdisjoint(work.stream_ids):
+                    waiting.update(work.stream_ids)
+                    kept.append(work)
+                    continue
                 if work.rows is None:
                     if not self._begin_batch(work, deadline_now):
                         continue
@@ -262,6 +278,13 @@ class Batcher:
             if work.future.done():  # the caller gave up (cancelled, deadline) before the work ran
                 self._queued -= 1
                 self._m_cancelled.inc()
+                self._forget_if_unstarted(work.stream_id)
+                continue
+            if work.stream_id in waiting or (
+                isinstance(work, StepWork) and work.after is not None and not work.after.done()
+            ):
+                waiting.add(work.stream_id)
+                kept.append(work)
                 continue
             row = store.row_of(work.stream_id)
             if row is not None and busy[row]:
@@ -276,6 +299,7 @@ class Batcher:
             if work.deadline is not None and deadline_now > work.deadline:
                 self._m_deadline.inc()
                 work.future.set_exception(DeadlineExpired("the deadline passed while the reading waited"))
+                self._forget_if_unstarted(work.stream_id)
                 continue
             row = self._take_single(work, row, plan, now)
             if row is not None:
@@ -287,6 +311,16 @@ class Batcher:
         store.protected = None
         return plan
 
+    def _forget_if_unstarted(self, stream_id: str) -> None:
+        """A stream is entered in the directory when its first work is accepted; if that work never
+        created it, take the entry out again (so refused requests leave nothing behind)."""
+        if self.store.row_of(stream_id) is None:
+            self.store.directory.release([stream_id], self.store.key)
+
+    def _forget_unstarted_batch(self, work: BatchWork) -> None:
+        rows = self.store.rows
+        self.store.directory.release([i for i in work.stream_ids if i not in rows], self.store.key)
+
     def _fit(self, busy: np.ndarray) -> np.ndarray:
         """Creating streams may grow the store during assembly; the busy mask follows."""
         if len(busy) < self.store.capacity:
@@ -297,6 +331,7 @@ class Batcher:
         return busy
 
     def _take_single(self, work: StepWork, row: int | None, plan: Plan, now: float) -> int | None:
+        """Answer a retry or a stale seq at once (None: nothing to run), else plan the step; the row."""
         store = self.store
         step = 0 if row is None else int(store.steps[row])
         if work.seq:
@@ -310,16 +345,18 @@ class Batcher:
                         replayed=True,
                     )
                 )
-                return row
+                return None
             expected = 1 if work.reset else step + 1
             if work.seq != expected:
                 work.future.set_exception(StaleSequence(work.stream_id, work.seq, step))
-                return row
+                self._forget_if_unstarted(work.stream_id)
+                return None
         if row is None:
             try:
                 row = int(store.create([work.stream_id])[0])
             except CellStreamError as exc:
                 work.future.set_exception(exc)
+                self._forget_if_unstarted(work.stream_id)
                 return None
         position = plan.size
         if work.reset:
@@ -343,12 +380,14 @@ class Batcher:
                 self._m_deadline.inc()
                 work.future.set_exception(DeadlineExpired("the deadline passed while the batch waited"))
             self._queued -= n
+            self._forget_unstarted_batch(work)
             return False
         try:
             work.rows = self.store.rows_for(work.stream_ids)
         except CellStreamError as exc:
             work.future.set_exception(exc)
             self._queued -= n
+            self._forget_unstarted_batch(work)
             return False
         work.waves = _waves(work.stream_ids)
         work.outputs = np.empty((n, self.model.output_size), np.float32)

@@ -50,6 +50,13 @@ class Settings:
     state_dir: Path | None = field(
         default=None, metadata={"help": "snapshot streams here and restore them at start (off if unset)"}
     )
+    model_poll_interval: float = field(
+        default=5.0,
+        metadata={"help": "seconds between checks of the model repository for new versions (0 = off)"},
+    )
+    migrate_streams: bool = field(
+        default=False, metadata={"help": "move live streams to a new model version that has the same states"}
+    )
     snapshot_interval: float = field(default=30.0, metadata={"help": "seconds between snapshots"})
     snapshot_keep: int = field(default=3, metadata={"help": "snapshot files kept (older ones are fallbacks)"})
     max_batch_request: int = field(

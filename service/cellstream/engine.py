@@ -15,6 +15,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import TypeVar
 
 import numpy as np
 
@@ -24,9 +25,11 @@ from cellstream.config import Settings
 from cellstream.errors import BadInput, Draining, UnknownModel, UnknownStream, WrongModel
 from cellstream.model import CellModel, ModelRepository
 from cellstream.snapshot import ModelSection, SnapshotError, decode, encode
-from cellstream.state import StateStore, StreamDirectory, StreamRows
+from cellstream.state import ModelKey, StateStore, StreamRows
+from cellstream.versions import Deployment
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 SNAPSHOT_CHUNK = 16_384  # rows copied per pause of a model's traffic (~4 MB for a 64-float state)
 
 MAX_ID_BYTES = 256
@@ -54,6 +57,7 @@ class ModelView:
     is_default: bool
     streams: int
     max_batch: int
+    current: bool
 
 
 def check_stream_id(stream_id: str, where: str = "stream_id") -> None:
@@ -79,34 +83,33 @@ class Engine:
     def __init__(self, repository: ModelRepository, settings: Settings) -> None:
         self.repository = repository
         self.settings = settings
-        self.directory = StreamDirectory(settings.max_streams)
-        self.batchers: dict[str, Batcher] = {}
-        for name, model in repository.models.items():
-            store = StateStore(
-                name, model.states, model.output_size, self.directory, evict_lru=settings.evict == "lru"
-            )
-            self.batchers[name] = Batcher(
-                model, store, max_batch=settings.max_batch, max_queue=settings.max_queue
-            )
+        self.deployment = Deployment(repository, settings)
+        self.directory = self.deployment.directory
         self.draining = False
         metrics.MAX_QUEUE.set(settings.max_queue)
         metrics.MAX_STREAMS.set(settings.max_streams)
 
+    @property
+    def batchers(self) -> dict[ModelKey, Batcher]:
+        return self.deployment.batchers
+
     def start(self) -> None:
-        for batcher in self.batchers.values():
-            batcher.start()
+        self.deployment.start()
 
     async def drain(self) -> None:
         """Refuse new work and wait for everything queued to finish."""
         self.draining = True
-        for batcher in self.batchers.values():
+        for batcher in list(self.batchers.values()):
             await batcher.wait_idle()
 
     async def stop(self) -> None:
-        for batcher in self.batchers.values():
-            await batcher.stop()
+        await self.deployment.stop()
 
-    def _batcher(self, model: str) -> Batcher:
+    async def reload_models(self) -> None:
+        if not self.draining:
+            await self.deployment.reload()
+
+    def _model_name(self, model: str) -> str:
         if self.draining:
             raise Draining("the server is shutting down: send this to another replica or retry later")
         name = model or self.repository.default
@@ -114,21 +117,32 @@ class Engine:
             raise BadInput(
                 f"no model named and this server has no default model: pick one of {self.model_names()}"
             )
-        batcher = self.batchers.get(name)
-        if batcher is None:
-            raise UnknownModel(f"model {name!r} is not served here; models: {self.model_names()}")
-        return batcher
+        self.deployment.current_for(name)  # raises UnknownModel
+        return name
 
     def model_names(self) -> list[str]:
-        return sorted(self.batchers)
+        return self.deployment.names()
 
-    def _bound(self, stream_id: str, batcher: Batcher) -> None:
-        owner = self.directory.model_of(stream_id)
-        if owner is not None and owner != batcher.model.name:
+    def _bound(self, stream_id: str, name: str) -> Batcher | None:
+        """The batcher of an existing stream, checked to be of model `name`; None for a new stream."""
+        key = self.directory.key_of(stream_id)
+        batcher = self.batchers.get(key) if key is not None else None
+        if batcher is not None and batcher.model.name != name:
             raise WrongModel(
-                f"stream {stream_id!r} is bound to model {owner!r}, not {batcher.model.name!r}: "
+                f"stream {stream_id!r} is bound to model {batcher.model.name!r}, not {name!r}: "
                 f"delete it or use another stream id"
             )
+        return batcher
+
+    def _existing(self, stream_id: str) -> Batcher:
+        """The batcher holding an existing stream (NOT_FOUND if none)."""
+        if self.draining:
+            raise Draining("the server is shutting down: send this to another replica or retry later")
+        key = self.directory.key_of(stream_id)
+        batcher = self.batchers.get(key) if key is not None else None
+        if batcher is None:
+            raise UnknownStream(f"stream {stream_id!r} does not exist")
+        return batcher
 
     def _reading(self, values: Sequence[float] | np.ndarray, model: CellModel) -> np.ndarray:
         x = np.asarray(values, np.float32)
@@ -179,11 +193,16 @@ class Engine:
         deadline: float | None = None,
     ) -> asyncio.Future[StepResult]:
         """Validate and queue one reading; the future resolves when it has run."""
-        batcher = self._batcher(model)
+        name = self._model_name(model)
         check_stream_id(stream_id)
-        self._bound(stream_id, batcher)
-        x = self._reading(values, batcher.model)
-        replace = self._states(state, batcher.model) if state else None
+        model_now = self.deployment.current_for(name).model
+        # Readings and states are checked against the current version; a stream on an older
+        # version with other shapes is checked again below, once it is routed.
+        bound = self._bound(stream_id, name)
+        cell = bound.model if bound is not None and not reset else model_now
+        x = self._reading(values, cell)
+        replace = self._states(state, cell) if state else None
+        batcher, after = self.deployment.route(stream_id, name, reset=reset)
         future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
         batcher.submit(
             StepWork(
@@ -196,6 +215,7 @@ class Engine:
                 end=end,
                 want_state=want_state,
                 deadline=deadline,
+                after=after,
             )
         )
         return future
@@ -215,8 +235,9 @@ class Engine:
         deadline: float | None = None,
     ) -> BatchResult:
         """Validate the whole batch, then apply it; any bad item fails it before anything runs."""
-        batcher = self._batcher(model)
-        cell = batcher.model
+        name = self._model_name(model)
+        current = self.deployment.current_for(name)
+        cell = current.model
         stream_ids = list(stream_ids)
         n = len(stream_ids)
         if n == 0:
@@ -234,28 +255,42 @@ class Engine:
         finite = np.isfinite(x).all(axis=1)
         if not finite.all():
             raise BadInput(f"stream_ids[{int(np.flatnonzero(~finite)[0])}]: input holds NaN or infinity")
-        if len(self.batchers) > 1:
-            owner = self.directory.owner
-            for i, stream_id in enumerate(stream_ids):
-                bound = owner.get(stream_id)
-                if bound is not None and bound != cell.name:
-                    raise BadInput(f"stream_ids[{i}]: stream {stream_id!r} is bound to model {bound!r}")
+        batcher = self._batch_route(stream_ids, current)
         future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
         batcher.submit(
             BatchWork(stream_ids, x.astype(np.float32), future, want_state=want_state, deadline=deadline)
         )
         return await future
 
-    async def _control(self, stream_id: str, model: str | None, work: ControlWork[object]) -> object:
-        batcher = self._batcher(model or self.directory.model_of(stream_id) or "")
+    def _batch_route(self, stream_ids: list[str], current: Batcher) -> Batcher:
+        """Every stream of a StepBatch must live on the current version of the named model.
+
+        One pass of dict lookups (the only per-reading Python work on this path); new streams are
+        entered in the directory so later readings follow them.
+        """
+        owner = self.directory.owner
+        key = current.key
+        keys = list(map(owner.get, stream_ids))
+        if keys.count(key) + keys.count(None) != len(keys):
+            for i, (stream_id, bound) in enumerate(zip(stream_ids, keys, strict=True)):
+                if bound is not None and bound != key and bound in self.batchers:
+                    where = "model" if bound[0] != key[0] else "an older version of model"
+                    raise BadInput(
+                        f"stream_ids[{i}]: stream {stream_id!r} is on {where} {bound[0]!r} (version "
+                        f"{bound[1]}); send it on its own or reset it"
+                    )
+        new = [stream_id for stream_id, bound in zip(stream_ids, keys, strict=True) if bound != key]
+        if new:
+            self.directory.claim(list(dict.fromkeys(new)), key, over_limit=current.store.evict_lru)
+        return current
+
+    async def _control(self, batcher: Batcher, work: ControlWork[T]) -> T:
         batcher.submit(work)
         return await work.future
 
     async def get_state(self, stream_id: str) -> StreamView:
         check_stream_id(stream_id)
-        model = self.directory.model_of(stream_id)
-        if model is None:
-            raise UnknownStream(f"stream {stream_id!r} does not exist")
+        batcher = self._existing(stream_id)
 
         def read(store: StateStore, row: int | None) -> StreamView:
             if row is None:
@@ -268,18 +303,16 @@ class Engine:
             )
 
         loop = asyncio.get_running_loop()
-        view = await self._control(stream_id, model, ControlWork(stream_id, read, loop.create_future()))
-        assert isinstance(view, StreamView)
-        return view
+        return await self._control(batcher, ControlWork(stream_id, read, loop.create_future()))
 
     async def set_state(
         self, stream_id: str, model: str, state: Mapping[str, TensorValue], step: int
     ) -> StreamView:
         check_stream_id(stream_id)
-        bound = self.directory.model_of(stream_id)
-        batcher = self._batcher(model or bound or "")
-        self._bound(stream_id, batcher)
-        values = self._states(state, batcher.model)
+        name = self._model_name(model or self.directory.model_of(stream_id) or "")
+        bound = self._bound(stream_id, name)
+        values = self._states(state, (bound or self.deployment.current_for(name)).model)
+        batcher, _ = self.deployment.route(stream_id, name)
 
         def write(store: StateStore, row: int | None) -> StreamView:
             if row is None:
@@ -290,32 +323,28 @@ class Engine:
             )
 
         loop = asyncio.get_running_loop()
-        view = await self._control(
-            stream_id, batcher.model.name, ControlWork(stream_id, write, loop.create_future())
-        )
-        assert isinstance(view, StreamView)
-        return view
+        return await self._control(batcher, ControlWork(stream_id, write, loop.create_future()))
 
     async def delete(self, stream_id: str) -> bool:
         check_stream_id(stream_id)
-        model = self.directory.model_of(stream_id)
-        if model is None:
+        try:
+            batcher = self._existing(stream_id)
+        except UnknownStream:
             return False
 
         def drop(store: StateStore, row: int | None) -> bool:
             return store.delete([stream_id]) > 0
 
         loop = asyncio.get_running_loop()
-        existed = await self._control(stream_id, model, ControlWork(stream_id, drop, loop.create_future()))
-        return bool(existed)
+        return await self._control(batcher, ControlWork(stream_id, drop, loop.create_future()))
 
     async def snapshot(self, models: Sequence[str] = ()) -> list[ModelSection]:
         """Copy every stream, a chunk of rows at a time between runs, so traffic pauses only briefly."""
-        unknown = set(models) - set(self.batchers)
+        unknown = set(models) - set(self.model_names())
         if unknown:
             raise UnknownModel(f"no model {sorted(unknown)} here; models: {self.model_names()}")
         sections = []
-        for name, batcher in sorted(self.batchers.items()):
+        for (name, _), batcher in sorted(self.batchers.items()):
             if models and name not in models:
                 continue
             store = batcher.store
@@ -375,16 +404,16 @@ class Engine:
         """Sections whose model is served at the same version and file hash; the rest are counted."""
         servable = []
         for section in sections:
-            batcher = self.batchers.get(section.name)
+            batcher = self.batchers.get((section.name, section.version))
             model = batcher.model if batcher else None
-            if model is None or (model.version, model.sha256) != (section.version, section.sha256):
-                reason = "model_missing" if model is None else "model_changed"
+            if model is None or model.sha256 != section.sha256:
+                reason = "model_missing" if section.name not in self.deployment.current else "model_changed"
                 log.warning(
                     "dropping %d streams of model %s version %s from the snapshot: %s",
                     len(section.rows),
                     section.name,
                     section.version,
-                    "the model is not served" if model is None else "the model file changed",
+                    "that model version is not served" if model is None else "the model file changed",
                 )
                 metrics.STREAMS_DROPPED.labels(reason=reason).inc(len(section.rows))
                 continue
@@ -399,7 +428,14 @@ class Engine:
         return sum(counts)
 
     def list_models(self) -> list[ModelView]:
+        current = self.deployment.current
         return [
-            ModelView(b.model, name == self.repository.default, len(b.store), b.max_batch)
-            for name, b in sorted(self.batchers.items())
+            ModelView(
+                b.model,
+                name == self.repository.default and current.get(name) is b,
+                len(b.store),
+                b.max_batch,
+                current.get(name) is b,
+            )
+            for (name, _), b in sorted(self.batchers.items())
         ]

@@ -58,7 +58,21 @@ BATCH_SIZE = Histogram(
     registry=REGISTRY,
 )
 STEPS = Counter("cellstream_steps", "Readings applied.", ["model"], registry=REGISTRY)
-STREAMS = Gauge("cellstream_streams", "Streams held in memory.", ["model"], registry=REGISTRY)
+STREAMS = Gauge(
+    "cellstream_streams",
+    "Streams held in memory, per model version.",
+    ["model", "version"],
+    registry=REGISTRY,
+)
+MODEL_LOAD_FAILURES = Counter(
+    "cellstream_model_load_failures",
+    "New model versions refused at load (the previous version keeps serving).",
+    ["model"],
+    registry=REGISTRY,
+)
+MODELS_LOADED = Gauge(
+    "cellstream_model_versions_loaded", "Model versions in memory.", ["model"], registry=REGISTRY
+)
 QUEUE_DEPTH = Gauge("cellstream_queue_depth", "Readings waiting to run.", ["model"], registry=REGISTRY)
 MAX_QUEUE = Gauge("cellstream_max_queue", "The --max-queue setting (0 = unlimited).", registry=REGISTRY)
 MAX_STREAMS = Gauge("cellstream_max_streams", "The --max-streams setting (0 = unlimited).", registry=REGISTRY)

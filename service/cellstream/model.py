@@ -284,32 +284,35 @@ def find_model_file(model_dir: Path) -> tuple[Path, str | None]:
 
 
 class ModelRepository:
-    """The models of one directory, `<repo>/<name>/[<version>/]model.onnx`, loaded once at start."""
+    """The models of one directory, `<repo>/<name>/[<version>/]model.onnx`."""
 
     def __init__(self, root: Path, *, default_model: str = "", intra_op_threads: int = 1) -> None:
         if not root.is_dir():
             raise ModelLoadError(f"model repository {root} is not a directory")
         self.root = root
+        self.intra_op_threads = intra_op_threads
         self.models: dict[str, CellModel] = {}
-        for model_dir in sorted(
-            d for d in root.iterdir() if d.is_dir() and not d.name.startswith((".", "_"))
-        ):
-            try:
-                path, version = find_model_file(model_dir)
-            except ModelLoadError:
-                continue  # not a model directory (e.g. scripts or docs beside the models)
-            self.models[model_dir.name] = CellModel(
-                path, name=model_dir.name, version=version, intra_op_threads=intra_op_threads
-            )
-            log.info(
-                "loaded model %s version %s from %s",
-                model_dir.name,
-                self.models[model_dir.name].version,
-                path,
-            )
+        for name, (path, version) in self.scan().items():
+            self.models[name] = self.load(name, path, version)
+            log.info("loaded model %s version %s from %s", name, self.models[name].version, path)
         if not self.models:
             raise ModelLoadError(f"model repository {root} holds no model (<name>/model.onnx)")
         self.default = self._pick_default(default_model)
+
+    def scan(self) -> dict[str, tuple[Path, str | None]]:
+        """What the directory holds now: each model's highest version file (nothing is loaded)."""
+        found = {}
+        for model_dir in sorted(self.root.iterdir()):
+            if not model_dir.is_dir() or model_dir.name.startswith((".", "_")):
+                continue
+            try:
+                found[model_dir.name] = find_model_file(model_dir)
+            except ModelLoadError:
+                continue  # not a model directory (e.g. scripts or docs beside the models)
+        return found
+
+    def load(self, name: str, path: Path, version: str | None) -> CellModel:
+        return CellModel(path, name=name, version=version, intra_op_threads=self.intra_op_threads)
 
     def _pick_default(self, requested: str) -> str | None:
         marker = self.root / DEFAULT_FILE

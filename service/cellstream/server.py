@@ -104,6 +104,10 @@ class Server:
         loop = asyncio.get_running_loop()
         if self._snapshots is not None and settings.snapshot_interval > 0:
             self._tasks.append(loop.create_task(self._every(settings.snapshot_interval, self.snapshot)))
+        if settings.model_poll_interval > 0:
+            self._tasks.append(
+                loop.create_task(self._every(settings.model_poll_interval, self.engine.reload_models))
+            )
         if settings.stream_ttl > 0:
             self._tasks.append(
                 loop.create_task(self._every(min(settings.stream_ttl / 2, 10.0), self._expire))

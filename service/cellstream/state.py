@@ -20,40 +20,71 @@ from cellstream.model import StateSpec
 INITIAL_CAPACITY = 1024
 
 
+ModelKey = tuple[str, str]  # (model name, version): one StateStore and one batcher each
+
+
 class StreamDirectory:
-    """Which model each stream is bound to; enforces the server-wide stream limit."""
+    """Which model version each stream is bound to, server-wide, and the --max-streams limit.
+
+    A stream is entered when its first work is accepted (before its row exists), so that every
+    later reading of it is routed to the same model version, in order, even across a reload.
+    Values are shared key tuples, so an entry costs one dict slot.
+    """
 
     def __init__(self, max_streams: int = 0) -> None:
-        self.owner: dict[str, str] = {}
+        self.owner: dict[str, ModelKey] = {}
         self.max_streams = max_streams
+        # While streams migrate from an old version to a new one, entries already point at the
+        # new one; the old version may still create or end streams its queued work names.
+        self.successor: dict[ModelKey, ModelKey] = {}
 
     def __len__(self) -> int:
         return len(self.owner)
 
-    def model_of(self, stream_id: str) -> str | None:
+    def key_of(self, stream_id: str) -> ModelKey | None:
         return self.owner.get(stream_id)
 
-    def shortfall(self, wanted: int) -> int:
-        """How many streams must go before `wanted` new ones fit under --max-streams."""
-        return max(0, len(self.owner) + wanted - self.max_streams) if self.max_streams else 0
+    def model_of(self, stream_id: str) -> str | None:
+        key = self.owner.get(stream_id)
+        return None if key is None else key[0]
 
-    def claim(self, stream_ids: Sequence[str], model: str) -> None:
-        """Bind new streams to a model, all or none."""
-        if self.shortfall(len(stream_ids)):
-            raise TooManyStreams(
-                f"the server holds {len(self.owner)} streams and --max-streams is {self.max_streams}: "
-                f"delete or end idle streams, or raise the limit"
-            )
+    def excess(self, adding: int = 0) -> int:
+        """How many streams are (or would be, after `adding`) over --max-streams."""
+        return max(0, len(self.owner) + adding - self.max_streams) if self.max_streams else 0
+
+    def _refuse(self) -> TooManyStreams:
+        return TooManyStreams(
+            f"the server holds {len(self.owner)} streams and --max-streams is {self.max_streams}: "
+            f"delete or end idle streams, raise the limit, or run with --evict lru"
+        )
+
+    def claim(self, stream_ids: Sequence[str], key: ModelKey, *, over_limit: bool = False) -> None:
+        """Bind streams to a model version, all or none; `over_limit` defers the limit to eviction."""
         owner = self.owner
-        for stream_id in stream_ids:
-            bound = owner.get(stream_id)
-            if bound is not None and bound != model:
-                raise WrongModel(f"stream {stream_id!r} is bound to model {bound!r}, not {model!r}")
-        owner.update(zip(stream_ids, repeat(model)))
+        new = [stream_id for stream_id in stream_ids if stream_id not in owner]
+        if len(new) < len(stream_ids):
+            accepted = (key, self.successor.get(key))
+            for stream_id in stream_ids:
+                bound = owner.get(stream_id)
+                if bound is not None and bound not in accepted:
+                    raise WrongModel(f"stream {stream_id!r} is bound to model {bound[0]!r}, not {key[0]!r}")
+        if new and not over_limit and self.excess(len(new)):
+            raise self._refuse()
+        owner.update(zip(new, repeat(key)))
 
-    def release(self, stream_ids: Sequence[str]) -> None:
+    def release(self, stream_ids: Sequence[str], key: ModelKey) -> None:
+        """Unbind streams, but only those still bound to `key` (a reset may have moved one)."""
+        owner = self.owner
+        accepted = (key, self.successor.get(key))
         for stream_id in stream_ids:
-            self.owner.pop(stream_id, None)
+            if owner.get(stream_id, ()) in accepted:
+                del owner[stream_id]
+
+    def rebind(self, old: ModelKey, new: ModelKey) -> int:
+        """Move every stream of one model version to another (stream migration on reload)."""
+        moved = [stream_id for stream_id, key in self.owner.items() if key == old]
+        self.owner.update(zip(moved, repeat(new)))
+        return len(moved)
 
 
 class StateStore:
@@ -61,7 +92,7 @@ class StateStore:
 
     def __init__(
         self,
-        model: str,
+        key: ModelKey,
         specs: Sequence[StateSpec],
         output_size: int,
         directory: StreamDirectory,
@@ -69,7 +100,8 @@ class StateStore:
         *,
         evict_lru: bool = False,
     ) -> None:
-        self.model = model
+        self.key = key
+        self.model = key[0]
         self.evict_lru = evict_lru
         # Rows the batcher has planned into the next run; eviction must leave them alone.
         self.protected: np.ndarray | None = None
@@ -88,7 +120,7 @@ class StateStore:
         self.alive = np.zeros(capacity, bool)
         self._free: list[int] = []
         self._high = 0
-        self._gauge = metrics.STREAMS.labels(model=model)
+        self._gauge = metrics.STREAMS.labels(model=key[0], version=key[1])
         self._gauge.set(0)
 
     def __len__(self) -> int:
@@ -118,10 +150,12 @@ class StateStore:
 
     def create(self, stream_ids: Sequence[str]) -> np.ndarray:
         """New rows at the model's initial state and step 0."""
-        short = self.directory.shortfall(len(stream_ids))
-        if short and self.evict_lru:
-            self._evict_least_recent(short)
-        self.directory.claim(stream_ids, self.model)
+        if self.evict_lru:
+            unbound = sum(1 for stream_id in stream_ids if self.directory.key_of(stream_id) is None)
+            excess = self.directory.excess(unbound)
+            if excess:
+                self._evict_least_recent(excess)
+        self.directory.claim(stream_ids, self.key)
         n = len(stream_ids)
         reuse = min(n, len(self._free))
         rows = np.empty(n, np.int64)
@@ -157,7 +191,7 @@ class StateStore:
         self._free.extend(gone)
         self.replayable[gone] = False
         self.alive[gone] = False
-        self.directory.release([s for s in stream_ids if self.directory.model_of(s) == self.model])
+        self.directory.release(stream_ids, self.key)
         self._gauge.set(len(self.rows))
         return len(gone)
 

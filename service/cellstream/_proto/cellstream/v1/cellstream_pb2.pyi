@@ -175,7 +175,7 @@ class StateInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "input_size", "output_size", "states", "is_default", "streams", "max_batch")
+    __slots__ = ("name", "version", "input_size", "output_size", "states", "is_default", "streams", "max_batch", "current")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     INPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -184,6 +184,7 @@ class ModelInfo(_message.Message):
     IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
     STREAMS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     input_size: int
@@ -192,7 +193,8 @@ class ModelInfo(_message.Message):
     is_default: bool
     streams: int
     max_batch: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., input_size: _Optional[int] = ..., output_size: _Optional[int] = ..., states: _Optional[_Iterable[_Union[StateInfo, _Mapping]]] = ..., is_default: _Optional[bool] = ..., streams: _Optional[int] = ..., max_batch: _Optional[int] = ...) -> None: ...
+    current: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., input_size: _Optional[int] = ..., output_size: _Optional[int] = ..., states: _Optional[_Iterable[_Union[StateInfo, _Mapping]]] = ..., is_default: _Optional[bool] = ..., streams: _Optional[int] = ..., max_batch: _Optional[int] = ..., current: _Optional[bool] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
