@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: run test lint typecheck unit proto bench clean
+.PHONY: run test lint typecheck unit proto bench e2e image image-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,18 @@ unit: $(VENV)/.test-installed
 ## Regenerate service/cellstream/_proto from proto/ (a test fails when it is stale).
 proto: $(VENV)/.test-installed
 	$(BIN)/python proto/generate.py
+
+## cellstream scraped by a real Prometheus (Debian package `prometheus`); every dashboard query returns data.
+e2e: $(VENV)/.test-installed
+	CELLSTREAM_E2E=1 $(BIN)/pytest tests/e2e
+
+## Build the container image with podman (localhost/cellstream:dev); sets up podman and a local base image first.
+image:
+	deploy/container/build.sh
+
+## Run the image: health, a stream, /metrics, SIGTERM, snapshot restored in a second container.
+image-test: $(VENV)/.run-installed
+	deploy/container/image-test.sh $(BIN)/python
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build dist

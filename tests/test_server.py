@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
@@ -217,3 +218,40 @@ def test_bundled_models_are_the_default_repository(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     assert "gru (default)" in result.stdout and str(MODELS / "gru" / "model.onnx") in result.stdout
+
+
+def test_draining_turns_health_not_serving_refuses_new_work_and_finishes_queued() -> None:
+    """In-process server: a held batcher keeps one reading queued while the drain is watched."""
+    import asyncio  # noqa: PLC0415
+
+    from cellstream.client import AsyncClient  # noqa: PLC0415
+    from cellstream.config import Settings  # noqa: PLC0415
+    from cellstream.server import Server  # noqa: PLC0415
+
+    async def main() -> None:
+        server = Server(Settings(address="127.0.0.1:0", metrics_address="", models=MODELS, drain_seconds=30))
+        await server.start()
+        assert server.engine is not None
+        gru = server.engine.deployment.current["gru"]
+        gru.hold = asyncio.get_running_loop().create_future()
+        async with AsyncClient(server.address) as client:
+            queued = asyncio.ensure_future(client.step("queued", np.zeros(8)))
+            await asyncio.sleep(0)  # no timing: the hold keeps it queued however long this takes
+            while not gru.queued:
+                await asyncio.sleep(0.01)
+            stopping = asyncio.ensure_future(server.stop())
+            channel = grpc.aio.insecure_channel(server.address)
+            health = health_pb2_grpc.HealthStub(channel)
+            while (
+                await health.Check(health_pb2.HealthCheckRequest())
+            ).status == health_pb2.HealthCheckResponse.SERVING:
+                await asyncio.sleep(0.01)
+            with pytest.raises(grpc.RpcError) as info:
+                await client.step("late", np.zeros(8))
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            gru.hold.set_result(None)
+            assert (await queued).step == 1  # queued work finished during the drain
+            await stopping
+            await channel.close()
+
+    asyncio.run(main())

@@ -106,3 +106,7 @@ SNAPSHOT_STREAMS = Gauge(
 SNAPSHOT_FAILURES = Counter(
     "cellstream_snapshot_failures", "Snapshots that could not be written.", registry=REGISTRY
 )
+
+# Known reasons start at zero, so dashboards show 0 rather than "no data" before the first drop.
+for _reason in ("lru", "ttl", "model_changed", "model_missing"):
+    STREAMS_DROPPED.labels(reason=_reason)
