@@ -9,11 +9,11 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+
+from cellstream.client import Client, step_request
 from conftest import MODELS, RunningServer, start_server, wait_for
 from reference import reference_sequence
 from test_server import sample, scrape
-
-from cellstream.client import Client, step_request
 
 X = np.random.default_rng(7).normal(size=(300, 8)).astype(np.float32)
 
