@@ -26,8 +26,8 @@ run: $(VENV)/.run-installed
 test: lint typecheck unit
 
 lint: $(VENV)/.test-installed
-	$(BIN)/ruff check service tests proto
-	$(BIN)/ruff format --check service tests proto
+	$(BIN)/ruff check service tests proto demo
+	$(BIN)/ruff format --check service tests proto demo
 
 typecheck: $(VENV)/.test-installed
 	$(BIN)/mypy

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from cellstream.client import Client, StreamState, step_request
-from conftest import MODELS
 from reference import reference_sequence
+from support import MODELS
 
 _ids = itertools.count()
 X = np.linspace(-1, 1, 8, dtype=np.float32)

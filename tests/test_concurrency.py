@@ -12,8 +12,8 @@ from cellstream.client import AsyncClient, step_request
 from cellstream.config import Settings
 from cellstream.engine import Engine
 from cellstream.model import ModelRepository
-from conftest import MODELS, RunningServer
 from reference import reference_sequence
+from support import MODELS, RunningServer
 
 STREAMS = 200
 STEPS = 30

@@ -13,8 +13,8 @@ import pytest
 
 from cellstream.client import Client
 from cellstream.snapshot import SnapshotDir, SnapshotError, decode, encode
-from conftest import MODELS, RunningServer, start_server, wait_for
 from reference import reference_sequence
+from support import MODELS, RunningServer, start_server, wait_for
 from test_server import sample, scrape
 
 X = np.random.default_rng(42).normal(size=(400, 8)).astype(np.float32)
@@ -140,7 +140,7 @@ def test_streams_of_a_changed_model_are_dropped_and_counted(tmp_path: Path) -> N
     state_dir = tmp_path / "state"
     first = durable(tmp_path / "a", state_dir, "--snapshot-interval", "0", models=models)
     with first.client() as client:
-        client.step("gru-stream", X[0])
+        client.step("gru-stream", X[0], model="gru")
         client.step("lstm-stream", X[0], model="lstm")
     assert first.stop() == 0
     (models / "lstm" / "model.onnx").write_bytes((models / "lstm" / "model.onnx").read_bytes() + b"")

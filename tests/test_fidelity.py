@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from cellstream.client import Client, step_request
-from conftest import MODELS, RunningServer
 from reference import reference_sequence
+from support import MODELS, RunningServer
 
 STEPS = 500
 MODEL_NAMES = ["gru", "lstm", "gru2"]

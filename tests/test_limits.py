@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from cellstream.client import AsyncClient, Client, step_request
-from conftest import RunningServer, start_server, wait_for
+from support import RunningServer, start_server, wait_for
 from test_server import sample, scrape
 
 X = np.ones(8, np.float32)
@@ -143,10 +143,10 @@ def test_engine_does_not_run_work_whose_deadline_passed() -> None:
     from cellstream.engine import Engine  # noqa: PLC0415
     from cellstream.errors import DeadlineExpired  # noqa: PLC0415
     from cellstream.model import ModelRepository  # noqa: PLC0415
-    from conftest import MODELS  # noqa: PLC0415
+    from support import MODELS  # noqa: PLC0415
 
     async def main() -> None:
-        engine = Engine(ModelRepository(MODELS), Settings(models=MODELS))
+        engine = Engine(ModelRepository(MODELS, default_model="gru"), Settings(models=MODELS))
         engine.start()
         try:
             late = time.monotonic() - 1

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from cellstream.client import Client, step_request
-from conftest import MODELS, RunningServer, start_server, wait_for
 from reference import reference_sequence
+from support import MODELS, RunningServer, start_server, wait_for
 from test_server import sample, scrape
 
 X = np.random.default_rng(7).normal(size=(300, 8)).astype(np.float32)
@@ -60,7 +60,7 @@ def test_new_version_takes_new_streams_old_keeps_its_own_then_unloads(tmp_path: 
             wait_for(lambda: "1" not in versions(client))
         assert "unloaded model gru version 1" in server.log()
     finally:
-        assert server.stop() == 0
+        assert server.stop() == 0, server.log()
 
 
 def test_reset_moves_a_stream_to_the_new_version(tmp_path: Path) -> None:
@@ -85,7 +85,7 @@ def test_reset_moves_a_stream_to_the_new_version(tmp_path: Path) -> None:
             np.testing.assert_allclose(np.array([r.output for r in replies[1:]]), expected, atol=1e-5)
             wait_for(lambda: "1" not in versions(client))
     finally:
-        assert server.stop() == 0
+        assert server.stop() == 0, server.log()
 
 
 def test_broken_version_is_refused_and_the_old_one_keeps_serving(tmp_path: Path) -> None:
@@ -100,7 +100,7 @@ def test_broken_version_is_refused_and_the_old_one_keeps_serving(tmp_path: Path)
             assert client.step("fresh", X[0]).step == 1
         assert sample(scrape(server), 'cellstream_model_load_failures_total{model="gru"}') == 1
     finally:
-        assert server.stop() == 0
+        assert server.stop() == 0, server.log()
 
 
 def test_migrate_streams_moves_live_streams_with_their_state(tmp_path: Path) -> None:
@@ -116,7 +116,7 @@ def test_migrate_streams_moves_live_streams_with_their_state(tmp_path: Path) -> 
             expected, _ = reference_sequence(MODELS / "gru", X[:6])
             np.testing.assert_allclose(reply.output, expected[-1], atol=1e-5)
     finally:
-        assert server.stop() == 0
+        assert server.stop() == 0, server.log()
 
 
 @pytest.mark.parametrize("migrate", ["false", "true"])
@@ -158,7 +158,7 @@ def test_reload_under_load_loses_and_doubles_no_step(tmp_path: Path, migrate: st
                 assert set(versions(client)) == {"2"}
         assert "version 2" in server.log()
     finally:
-        assert server.stop() == 0
+        assert server.stop() == 0, server.log()
 
 
 def test_unknown_stream_on_removed_version_is_not_found(tmp_path: Path) -> None:
@@ -168,4 +168,4 @@ def test_unknown_stream_on_removed_version_is_not_found(tmp_path: Path) -> None:
             client.get_state("never")
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
     finally:
-        assert server.stop() == 0
+        assert server.stop() == 0, server.log()

@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from cellstream.client import Client, step_request
-from conftest import MODELS, RunningServer, start_server, wait_for
+from support import MODELS, RunningServer, start_server, wait_for
 from test_model_contract import write_cell
 
 
@@ -217,7 +217,7 @@ def test_bundled_models_are_the_default_repository(tmp_path: Path) -> None:
         text=True,
         cwd=tmp_path,
     )
-    assert "gru (default)" in result.stdout and str(MODELS / "gru" / "model.onnx") in result.stdout
+    assert "demo (default)" in result.stdout and str(MODELS / "gru" / "model.onnx") in result.stdout
 
 
 def test_draining_turns_health_not_serving_refuses_new_work_and_finishes_queued() -> None:
@@ -229,7 +229,8 @@ def test_draining_turns_health_not_serving_refuses_new_work_and_finishes_queued(
     from cellstream.server import Server  # noqa: PLC0415
 
     async def main() -> None:
-        server = Server(Settings(address="127.0.0.1:0", metrics_address="", models=MODELS, drain_seconds=30))
+        settings = Settings(address="127.0.0.1:0", metrics_address="", models=MODELS, default_model="gru")
+        server = Server(settings)
         await server.start()
         assert server.engine is not None
         gru = server.engine.deployment.current["gru"]

@@ -97,6 +97,7 @@ def cellstream(tmp_path: Path) -> Iterator[dict[str, Any]]:
         "--snapshot-interval", "1",
         "--max-streams", "6",
         "--evict", "lru",
+        "--default-model", "gru",
     ]  # fmt: skip
     with log.open("wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
