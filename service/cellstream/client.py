@@ -60,7 +60,15 @@ class StreamState:
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 STEP_METADATA = "cellstream-step"
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
+# What a resuming client retries: with `seq` every reading is idempotent, so any failure that may
+# come from the transport (a server killed mid-call shows up as UNAVAILABLE, INTERNAL or UNKNOWN
+# depending on timing) is safe to send again.
+RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+}
 T = TypeVar("T")
 
 
