@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from cellstream.client import Client
-from support import RunningServer, start_server
+from support import STARTED, RunningServer, start_server
 
 
 @pytest.fixture(scope="module")
@@ -21,3 +21,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
 def client(server: RunningServer) -> Iterator[Client]:
     with server.client() as c:
         yield c
+
+
+@pytest.fixture(autouse=True)
+def stop_leftover_servers() -> Iterator[None]:
+    """A test that fails half-way still leaves no server behind (module servers stay)."""
+    before = len(STARTED)
+    yield
+    for running in STARTED[before:]:
+        running.stop()
+    del STARTED[before:]

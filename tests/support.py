@@ -57,6 +57,10 @@ class RunningServer:
         return self.process.returncode
 
 
+# Every server process a test starts; conftest stops any the test left running, by pid.
+STARTED: list[RunningServer] = []
+
+
 def start_server(
     tmp: Path,
     *args: str,
@@ -90,6 +94,7 @@ def start_server(
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=full_env)
     server = RunningServer(process, "", "", log_path)
+    STARTED.append(server)
 
     def is_ready() -> bool:
         if process.poll() is not None:

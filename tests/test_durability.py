@@ -80,9 +80,7 @@ def test_kill_9_under_load_then_resume_gives_uninterrupted_results(tmp_path: Pat
             for i in range(len(X)):
                 for stream_id in streams:
                     outputs[stream_id].append(client.step(stream_id, X[i], omit_state=True).output)
-    finally:
         crasher.join()
-    try:
         assert replacement, "the server was never restarted"
         assert "restored" in replacement[0].log()
         expected, _ = reference_sequence(MODELS / "gru", X)
@@ -93,8 +91,10 @@ def test_kill_9_under_load_then_resume_gives_uninterrupted_results(tmp_path: Pat
                 )
                 assert check.get_state(stream_id).step == len(X)
     finally:
+        crasher.join()
+        server.stop(signal.SIGKILL)
         for running in replacement:
-            assert running.stop() == 0
+            assert running.stop() == 0, running.log()
 
 
 def test_truncated_or_flipped_snapshot_is_never_valid(tmp_path: Path) -> None:
@@ -139,10 +139,12 @@ def test_streams_of_a_changed_model_are_dropped_and_counted(tmp_path: Path) -> N
     shutil.copytree(MODELS, models)
     state_dir = tmp_path / "state"
     first = durable(tmp_path / "a", state_dir, "--snapshot-interval", "0", models=models)
-    with first.client() as client:
-        client.step("gru-stream", X[0], model="gru")
-        client.step("lstm-stream", X[0], model="lstm")
-    assert first.stop() == 0
+    try:
+        with first.client() as client:
+            client.step("gru-stream", X[0], model="gru")
+            client.step("lstm-stream", X[0], model="lstm")
+    finally:
+        assert first.stop() == 0
     (models / "lstm" / "model.onnx").write_bytes((models / "lstm" / "model.onnx").read_bytes() + b"")
     config = models / "lstm" / "config.json"
     config.write_text(config.read_text().replace('"version": "1"', '"version": "2"'))
