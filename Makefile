@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: run test lint typecheck unit proto bench e2e image image-test clean
+.PHONY: run test lint typecheck unit proto bench bench-quick e2e image image-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
 	$(PIP) install -e '.[test]'
 	touch $@
 
+$(VENV)/.bench-installed: pyproject.toml | $(BIN)/python
+	$(PIP) install -e '.[test,bench]'
+	touch $@
+
 ## Serve the bundled models (default: gru) on 127.0.0.1:50051, metrics on 127.0.0.1:9095.
 run: $(VENV)/.run-installed
 	$(BIN)/cellstream serve
@@ -26,11 +30,12 @@ run: $(VENV)/.run-installed
 test: lint typecheck unit
 
 lint: $(VENV)/.test-installed
-	$(BIN)/ruff check service tests proto demo
-	$(BIN)/ruff format --check service tests proto demo
+	$(BIN)/ruff check service tests proto demo bench
+	$(BIN)/ruff format --check service tests proto demo bench
 
 typecheck: $(VENV)/.test-installed
 	$(BIN)/mypy
+	$(BIN)/mypy --strict bench
 
 unit: $(VENV)/.test-installed
 	$(BIN)/pytest
@@ -38,6 +43,14 @@ unit: $(VENV)/.test-installed
 ## Regenerate service/cellstream/_proto from proto/ (a test fails when it is stale).
 proto: $(VENV)/.test-installed
 	$(BIN)/python proto/generate.py
+
+## Benchmarks: cellstream against its transport and compute ceilings and baselines, one JSON line
+## per scenario plus a table (about 8 minutes; bench-quick about 2). Results: bench/results/.
+bench: $(VENV)/.bench-installed
+	$(BIN)/python -m bench
+
+bench-quick: $(VENV)/.bench-installed
+	$(BIN)/python -m bench --quick
 
 ## cellstream scraped by a real Prometheus (Debian package `prometheus`); every dashboard query returns data.
 e2e: $(VENV)/.test-installed
