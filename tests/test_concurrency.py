@@ -11,7 +11,7 @@ from cellstream.batcher import Batcher, Plan
 from cellstream.client import AsyncClient, step_request
 from cellstream.config import Settings
 from cellstream.engine import Engine
-from cellstream.model import ModelRepository
+from cellstream.model import CellModel, ModelRepository
 from reference import reference_sequence
 from support import MODELS, RunningServer
 
@@ -61,16 +61,23 @@ def test_200_streams_mixed_apis_match_sequential_reference(server: RunningServer
 
 
 def test_same_stream_never_in_one_batch_and_batches_form() -> None:
-    """In-process: record every run the batcher makes while 50 streams pipeline 20 readings each."""
-    runs: list[np.ndarray] = []
-    original = Batcher._execute
+    """In-process: record every plan and every session.run while 50 streams pipeline 20 readings each."""
+    plans: list[np.ndarray] = []
+    run_sizes: list[int] = []
+    execute, run = Batcher._execute, CellModel.run
 
-    def recording(self: Batcher, plan: Plan) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
-        runs.append(np.concatenate(plan.rows))
-        return original(self, plan)
+    def recording_execute(self: Batcher, plan: Plan) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+        plans.append(np.concatenate([np.array(plan.single_rows, np.int64), *plan.piece_rows]))
+        return execute(self, plan)
+
+    def recording_run(
+        self: CellModel, x: np.ndarray, states: list[np.ndarray]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        run_sizes.append(len(x))
+        return run(self, x, states)
 
     async def main() -> None:
-        settings = Settings(models=MODELS, max_batch=64)
+        settings = Settings(models=MODELS, max_batch=16, inline_batch=4)
         engine = Engine(ModelRepository(MODELS, default_model="gru"), settings)
         engine.start()
         try:
@@ -89,10 +96,12 @@ def test_same_stream_never_in_one_batch_and_batches_form() -> None:
             await engine.stop()
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(Batcher, "_execute", recording)
+        patch.setattr(Batcher, "_execute", recording_execute)
+        patch.setattr(CellModel, "run", recording_run)
         asyncio.run(main())
-    assert runs, "no run happened"
-    for rows in runs:
+    assert plans, "no run happened"
+    for rows in plans:
         assert len(rows) == len(set(rows.tolist())), f"a stream appears twice in one run: {rows}"
-        assert len(rows) <= 64
-    assert max(len(rows) for rows in runs) > 1, "readings of different streams were never batched"
+    assert max(run_sizes) <= 16, "a session.run exceeded --max-batch"
+    assert max(run_sizes) > 1, "readings of different streams were never batched"
+    assert max(len(rows) for rows in plans) > 16, "a trip to the worker never held several runs"

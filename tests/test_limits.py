@@ -129,9 +129,11 @@ def test_work_whose_deadline_passed_in_the_queue_is_not_applied(limited: Running
             target=lambda: Client(limited.address, timeout=120).step_batch(ids, inputs, omit_state=True)
         )
         bulk.start()
-        wait_for(lambda: sample(scrape(limited), 'cellstream_queue_depth{model="gru"}', 0) > 0, timeout=30)
+        # Its streams exist once its one big run is about to start (they are created just before).
+        gauge = 'cellstream_streams{model="gru",version="1"}'
+        wait_for(lambda: sample(scrape(limited), gauge, 0) >= len(ids), timeout=30, interval=0.005)
         # The one big run takes far longer than this call's deadline; the step queues behind it.
-        with Client(limited.address, timeout=0.2) as hurried:
+        with Client(limited.address, timeout=0.05) as hurried:
             assert code_of(hurried.step, "deadline", X) == grpc.StatusCode.DEADLINE_EXCEEDED
         bulk.join(120)
         assert client.get_state("deadline").step == 1

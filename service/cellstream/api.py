@@ -68,6 +68,8 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
         self.engine = engine
         self.stream_window = stream_window
         self._default = engine.repository.default or ""
+        # labels() costs a few µs per call: keep each (method, model, code) child once looked up.
+        self._histograms: dict[tuple[str, str, grpc.StatusCode], Any] = {}
 
     def _label(self, model: str) -> str:
         """Metric labels only ever carry served model names (never arbitrary client strings)."""
@@ -75,9 +77,14 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
         return name if name in self.engine.deployment.current else "unknown"
 
     def _observe(self, method: str, model: str, code: grpc.StatusCode, started: float) -> None:
-        metrics.REQUEST_DURATION.labels(method=method, model=self._label(model), code=code.name).observe(
-            time.perf_counter() - started
-        )
+        elapsed = time.perf_counter() - started
+        histogram = self._histograms.get((method, model, code))
+        if histogram is None:
+            label = self._label(model)
+            histogram = metrics.REQUEST_DURATION.labels(method=method, model=label, code=code.name)
+            if label != "unknown":  # never cache per arbitrary client string
+                self._histograms[(method, model, code)] = histogram
+        histogram.observe(elapsed)
 
     async def _fail(
         self,

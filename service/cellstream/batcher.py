@@ -104,16 +104,25 @@ Work = StepWork | BatchWork | ControlWork[Any]
 
 @dataclass
 class Plan:
-    """What one run applies: rows and readings, plus where each result goes."""
+    """What one trip to the worker applies: single readings first, then StepBatch pieces.
 
-    rows: list[np.ndarray] = field(default_factory=list)
-    x: list[np.ndarray] = field(default_factory=list)
-    base_steps: list[np.ndarray] = field(default_factory=list)
-    singles: list[tuple[StepWork, int]] = field(default_factory=list)
-    pieces: list[tuple[BatchWork, np.ndarray, int]] = field(default_factory=list)
-    resets: list[int] = field(default_factory=list)
+    Built with plain lists (one append per reading) and turned into arrays once, in the worker.
+    """
+
+    singles: list[StepWork] = field(default_factory=list)
+    single_rows: list[int] = field(default_factory=list)
+    single_steps: list[int] = field(default_factory=list)
+    resets: list[int] = field(default_factory=list)  # indexes into singles
     replacements: list[tuple[int, list[np.ndarray | None]]] = field(default_factory=list)
-    size: int = 0
+    piece_rows: list[np.ndarray] = field(default_factory=list)
+    piece_x: list[np.ndarray] = field(default_factory=list)
+    piece_steps: list[np.ndarray] = field(default_factory=list)
+    pieces: list[tuple[BatchWork, np.ndarray, int]] = field(default_factory=list)  # offset after singles
+    piece_size: int = 0
+
+    @property
+    def size(self) -> int:
+        return len(self.singles) + self.piece_size
 
 
 def _waves(stream_ids: list[str]) -> deque[np.ndarray]:
@@ -133,10 +142,24 @@ def _waves(stream_ids: list[str]) -> deque[np.ndarray]:
 class Batcher:
     """Runs one model over the waiting readings of many streams, one run at a time."""
 
-    def __init__(self, model: CellModel, store: StateStore, *, max_batch: int, max_queue: int = 0) -> None:
+    def __init__(
+        self,
+        model: CellModel,
+        store: StateStore,
+        *,
+        max_batch: int,
+        max_queue: int = 0,
+        inline_batch: int = 0,
+        runs_per_trip: int = 8,
+    ) -> None:
         self.model = model
         self.store = store
         self.max_batch = max(1, min(max_batch, model.config_max_batch or max_batch))
+        # A trip to the worker thread runs up to this many readings as consecutive session.run
+        # calls of max_batch each: fewer hand-offs, and the loop meanwhile decodes what comes next.
+        self.plan_limit = self.max_batch * max(1, runs_per_trip)
+        # Plans this small run on the event loop: their compute is shorter than a thread hand-off.
+        self.inline_batch = inline_batch
         self.max_queue = max_queue
         self._queue: deque[Work] = deque()
         self._queued = 0  # readings waiting, for --max-queue
@@ -198,9 +221,9 @@ class Batcher:
             )
         self._queue.append(work)
         self._queued += n
-        self._m_depth.set(self._queued)
-        self._idle.clear()
-        self._wake.set()
+        if self._idle.is_set():
+            self._idle.clear()
+            self._wake.set()
 
     def between_runs(self, action: Callable[[StateStore], T]) -> asyncio.Future[T]:
         """Run `action(store)` on the event loop while no model run is in flight."""
@@ -240,7 +263,10 @@ class Batcher:
             if not plan.size:
                 continue
             try:
-                outputs, states, steps = await loop.run_in_executor(self._executor, self._execute, plan)
+                if plan.size <= self.inline_batch:
+                    outputs, states, steps = self._execute(plan)
+                else:
+                    outputs, states, steps = await loop.run_in_executor(self._executor, self._execute, plan)
             except Exception as exc:
                 log.exception("model %s failed on a batch of %d", self.model.name, plan.size)
                 self._fail(plan, ModelFailure(f"model {self.model.name!r} failed: {exc}"))
@@ -252,7 +278,7 @@ class Batcher:
         store = self.store
         busy = store.protected = np.zeros(store.capacity, bool)
         plan = Plan()
-        budget = self.max_batch
+        budget = self.plan_limit
         now = time.perf_counter()
         deadline_now = time.monotonic()
         kept: deque[Work] = deque()
@@ -358,17 +384,15 @@ class Batcher:
                 work.future.set_exception(exc)
                 self._forget_if_unstarted(work.stream_id)
                 return None
-        position = plan.size
+        position = len(plan.singles)
         if work.reset:
             plan.resets.append(position)
             step = 0
         if work.replace is not None:
             plan.replacements.append((position, work.replace))
-        plan.rows.append(np.array([row]))
-        plan.x.append(work.x.reshape(1, -1))
-        plan.base_steps.append(np.array([step], np.uint64))
-        plan.singles.append((work, position))
-        plan.size += 1
+        plan.singles.append(work)
+        plan.single_rows.append(row)
+        plan.single_steps.append(step)
         self._m_queue.observe(now - work.enqueued)
         return row
 
@@ -390,10 +414,6 @@ class Batcher:
             self._forget_unstarted_batch(work)
             return False
         work.waves = _waves(work.stream_ids)
-        work.outputs = np.empty((n, self.model.output_size), np.float32)
-        if work.want_state:
-            work.states = [np.empty((n, *spec.shape), np.float32) for spec in self.store.specs]
-        work.steps = np.empty(n, np.uint64)
         work.left = n
         return True
 
@@ -403,20 +423,24 @@ class Batcher:
         wave = work.waves[0]
         rows = work.rows[wave]
         free = ~busy[rows]
-        take = wave[free][:budget] if not free.all() else wave[:budget]
+        if free.all():
+            take, rest = wave[:budget], wave[budget:]
+        else:  # order within a wave does not matter: each stream is in it once
+            free_part = wave[free]
+            take, rest = free_part[:budget], np.concatenate([wave[~free], free_part[budget:]])
         if len(take):
             taken_rows = work.rows[take]
-            plan.rows.append(taken_rows)
-            plan.x.append(work.x[take])
-            plan.base_steps.append(self.store.steps[taken_rows])
-            plan.pieces.append((work, take, plan.size))
-            plan.size += len(take)
+            plan.piece_rows.append(taken_rows)
+            plan.piece_x.append(work.x[take])
+            plan.piece_steps.append(self.store.steps[taken_rows])
+            plan.pieces.append((work, take, plan.piece_size))
+            plan.piece_size += len(take)
             self._queued -= len(take)
             self._m_queue.observe(now - work.enqueued)
-            if len(take) == len(wave):
-                work.waves.popleft()
+            if len(rest):
+                work.waves[0] = rest
             else:
-                work.waves[0] = np.setdiff1d(wave, take, assume_unique=True)
+                work.waves.popleft()
         # Whatever of this job is still waiting holds its streams against later work.
         for pending in work.waves:
             busy[work.rows[pending]] = True
@@ -430,11 +454,16 @@ class Batcher:
             work.future.set_exception(exc)
 
     def _execute(self, plan: Plan) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
-        """Gather, run, scatter: the only code that runs off the event loop."""
+        """Gather, run (in runs of max_batch), scatter: nothing is written before every run succeeded."""
         started = time.perf_counter()
         store = self.store
-        rows = np.concatenate(plan.rows)
-        x = np.concatenate(plan.x)
+        rows_parts, x_parts, step_parts = plan.piece_rows, plan.piece_x, plan.piece_steps
+        if plan.singles:
+            rows_parts = [np.array(plan.single_rows, np.int64), *rows_parts]
+            x_parts = [np.stack([work.x for work in plan.singles]), *x_parts]
+            step_parts = [np.array(plan.single_steps, np.uint64), *step_parts]
+        rows = np.concatenate(rows_parts) if len(rows_parts) > 1 else rows_parts[0]
+        x = np.concatenate(x_parts) if len(x_parts) > 1 else x_parts[0]
         states = [slab[rows] for slab in store.slabs]
         for position in plan.resets:
             for value, spec in zip(states, store.specs, strict=True):
@@ -443,10 +472,23 @@ class Batcher:
             for value, new in zip(states, replacement, strict=True):
                 if new is not None:
                     value[position] = new
-        outputs, next_states = self.model.run(x, states)
+        n, limit = len(rows), self.max_batch
+        if n <= limit:
+            outputs, next_states = self.model.run(x, states)
+            self._m_batch.observe(n)
+        else:
+            outputs = np.empty((n, self.model.output_size), np.float32)
+            next_states = [np.empty_like(value) for value in states]
+            for start in range(0, n, limit):
+                end = min(start + limit, n)
+                out, next_part = self.model.run(x[start:end], [value[start:end] for value in states])
+                outputs[start:end] = out
+                for target, value in zip(next_states, next_part, strict=True):
+                    target[start:end] = value
+                self._m_batch.observe(end - start)
         for slab, value in zip(store.slabs, next_states, strict=True):
             slab[rows] = value
-        steps = np.concatenate(plan.base_steps) + np.uint64(1)
+        steps = (np.concatenate(step_parts) if len(step_parts) > 1 else step_parts[0]) + np.uint64(1)
         store.steps[rows] = steps
         store.last_output[rows] = outputs
         store.replayable[rows] = True
@@ -455,11 +497,10 @@ class Batcher:
         return outputs, next_states, steps
 
     def _complete(self, plan: Plan, outputs: np.ndarray, states: list[np.ndarray], steps: np.ndarray) -> None:
-        self._m_batch.observe(plan.size)
         self._m_steps.inc(plan.size)
         ended: list[str] = []
         names = self.store.names
-        for work, position in plan.singles:
+        for position, work in enumerate(plan.singles):
             if work.end:
                 ended.append(work.stream_id)
             if work.future.done():
@@ -474,23 +515,39 @@ class Batcher:
                     int(steps[position]),
                 )
             )
-        for batch, take, start in plan.pieces:
+        singles = len(plan.singles)
+        for batch, take, offset in plan.pieces:
+            start = singles + offset
             end = start + len(take)
-            assert batch.outputs is not None and batch.steps is not None
-            batch.outputs[take] = outputs[start:end]
-            batch.steps[take] = steps[start:end]
-            if batch.states is not None:
-                for out, value in zip(batch.states, states, strict=True):
-                    out[take] = value[start:end]
+            n = len(batch.stream_ids)
+            in_order = bool(take[-1] - take[0] == len(take) - 1 and (take[1:] > take[:-1]).all())
+            if len(take) == n and in_order:
+                # The whole batch ran in this plan, in order: its results are views, no copies.
+                batch.outputs, batch.steps = outputs[start:end], steps[start:end]
+                if batch.want_state:
+                    batch.states = [value[start:end] for value in states]
+            else:
+                if batch.outputs is None or batch.steps is None:
+                    batch.outputs = np.empty((n, self.model.output_size), np.float32)
+                    batch.steps = np.empty(n, np.uint64)
+                    if batch.want_state:
+                        batch.states = [np.empty((n, *spec.shape), np.float32) for spec in self.store.specs]
+                where = slice(int(take[0]), int(take[-1]) + 1) if in_order else take
+                batch.outputs[where] = outputs[start:end]
+                batch.steps[where] = steps[start:end]
+                if batch.states is not None:
+                    for out, value in zip(batch.states, states, strict=True):
+                        out[where] = value[start:end]
             batch.left -= len(take)
             if not batch.left and not batch.future.done():
+                assert batch.outputs is not None and batch.steps is not None
                 states_by_name = None if batch.states is None else dict(zip(names, batch.states, strict=True))
                 batch.future.set_result(BatchResult(batch.outputs, states_by_name, batch.steps))
         if ended:
             self.store.delete(ended)
 
     def _fail(self, plan: Plan, error: CellStreamError) -> None:
-        for work, _ in plan.singles:
+        for work in plan.singles:
             if not work.future.done():
                 work.future.set_exception(error)
         for batch, _, _ in plan.pieces:

@@ -69,6 +69,10 @@ class Settings:
         default=1024, metadata={"help": "unanswered readings per StepStream call before reading pauses"}
     )
     intra_op_threads: int = field(default=1, metadata={"help": "onnxruntime threads per model run"})
+    inline_batch: int = field(
+        default=16,
+        metadata={"help": "runs of at most this many readings stay on the event loop (no thread hop)"},
+    )
     drain_seconds: float = field(
         default=10.0, metadata={"help": "on SIGTERM, how long in-flight work may take to finish"}
     )

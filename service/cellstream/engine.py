@@ -69,12 +69,23 @@ def check_stream_id(stream_id: str, where: str = "stream_id") -> None:
         raise BadInput(f"{where} {stream_id!r} holds a control character")
 
 
-def check_stream_ids(stream_ids: Sequence[str]) -> None:
-    """Whole-list checks in C (join, max, one regex); the slow loop only runs to name a bad index."""
+def first_bad_stream_id(
+    stream_ids: Sequence[str], positions: Sequence[int] | None = None
+) -> tuple[int, BadInput] | None:
+    """The error for the first bad id, or None. Whole-list checks run in C (join, max, one regex);
+    the slow loop only runs to name the bad index. `positions`: the ids' indexes in the request."""
+    if not stream_ids:
+        return None
     longest = max(map(len, stream_ids))
-    if min(map(len, stream_ids)) == 0 or longest * 4 > MAX_ID_BYTES or _CONTROL.search("".join(stream_ids)):
-        for i, stream_id in enumerate(stream_ids):
-            check_stream_id(stream_id, f"stream_ids[{i}]")
+    if min(map(len, stream_ids)) and longest * 4 <= MAX_ID_BYTES and not _CONTROL.search("".join(stream_ids)):
+        return None
+    for i, stream_id in enumerate(stream_ids):
+        index = i if positions is None else positions[i]
+        try:
+            check_stream_id(stream_id, f"stream_ids[{index}]")
+        except BadInput as exc:
+            return index, exc
+    return None
 
 
 class Engine:
@@ -145,9 +156,10 @@ class Engine:
         return batcher
 
     def _reading(self, values: Sequence[float] | np.ndarray, model: CellModel) -> np.ndarray:
-        x = np.asarray(values, np.float32)
-        if x.shape != (model.input_size,):
-            raise BadInput(f"input has {x.size} values, model {model.name!r} expects {model.input_size}")
+        if len(values) != model.input_size:
+            raise BadInput(f"input has {len(values)} values, model {model.name!r} expects {model.input_size}")
+        # fromiter reads a protobuf repeated field about 3x faster than asarray.
+        x = np.fromiter(values, np.float32, model.input_size)
         if not np.isfinite(x).all():
             raise BadInput(f"input value {int(np.flatnonzero(~np.isfinite(x))[0])} is NaN or infinite")
         return x
@@ -250,39 +262,40 @@ class Engine:
                 f"inputs holds {len(inputs)} bytes; {n} readings of model {cell.name!r} need "
                 f"{n} x {cell.input_size} float32 = {expected} bytes"
             )
-        check_stream_ids(stream_ids)
         x = np.frombuffer(inputs, "<f4").reshape(n, cell.input_size)
         finite = np.isfinite(x).all(axis=1)
+        errors: list[tuple[int, BadInput]] = []
         if not finite.all():
-            raise BadInput(f"stream_ids[{int(np.flatnonzero(~finite)[0])}]: input holds NaN or infinity")
-        batcher = self._batch_route(stream_ids, current)
+            index = int(np.flatnonzero(~finite)[0])
+            errors.append((index, BadInput(f"stream_ids[{index}]: input holds NaN or infinity")))
+        keys = list(map(self.directory.owner.get, stream_ids))
+        known = keys.count(current.key)
+        if known != n:
+            # Known streams were checked when they were created: only new ids are looked at.
+            new = [i for i, key in enumerate(keys) if key is None]
+            bad_id = first_bad_stream_id([stream_ids[i] for i in new], new)
+            if bad_id is not None:
+                errors.append(bad_id)
+            for i, key in enumerate(keys):
+                if key is not None and key != current.key and key in self.batchers:
+                    where = "model" if key[0] != name else "an older version of model"
+                    message = (
+                        f"stream_ids[{i}]: stream {stream_ids[i]!r} is on {where} {key[0]!r} "
+                        f"(version {key[1]}); send it on its own or reset it"
+                    )
+                    errors.append((i, BadInput(message)))
+                    break
+        if errors:
+            raise min(errors, key=lambda error: error[0])[1]
+        if known != n:
+            fresh = [stream_ids[i] for i, key in enumerate(keys) if key != current.key]
+            self.directory.claim(list(dict.fromkeys(fresh)), current.key, over_limit=current.store.evict_lru)
+        batcher = current
         future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
         batcher.submit(
             BatchWork(stream_ids, x.astype(np.float32), future, want_state=want_state, deadline=deadline)
         )
         return await future
-
-    def _batch_route(self, stream_ids: list[str], current: Batcher) -> Batcher:
-        """Every stream of a StepBatch must live on the current version of the named model.
-
-        One pass of dict lookups (the only per-reading Python work on this path); new streams are
-        entered in the directory so later readings follow them.
-        """
-        owner = self.directory.owner
-        key = current.key
-        keys = list(map(owner.get, stream_ids))
-        if keys.count(key) + keys.count(None) != len(keys):
-            for i, (stream_id, bound) in enumerate(zip(stream_ids, keys, strict=True)):
-                if bound is not None and bound != key and bound in self.batchers:
-                    where = "model" if bound[0] != key[0] else "an older version of model"
-                    raise BadInput(
-                        f"stream_ids[{i}]: stream {stream_id!r} is on {where} {bound[0]!r} (version "
-                        f"{bound[1]}); send it on its own or reset it"
-                    )
-        new = [stream_id for stream_id, bound in zip(stream_ids, keys, strict=True) if bound != key]
-        if new:
-            self.directory.claim(list(dict.fromkeys(new)), key, over_limit=current.store.evict_lru)
-        return current
 
     async def _control(self, batcher: Batcher, work: ControlWork[T]) -> T:
         batcher.submit(work)

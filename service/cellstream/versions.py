@@ -50,7 +50,13 @@ class Deployment:
         store = StateStore(
             key, model.states, model.output_size, self.directory, evict_lru=self.settings.evict == "lru"
         )
-        batcher = Batcher(model, store, max_batch=self.settings.max_batch, max_queue=self.settings.max_queue)
+        batcher = Batcher(
+            model,
+            store,
+            max_batch=self.settings.max_batch,
+            max_queue=self.settings.max_queue,
+            inline_batch=self.settings.inline_batch,
+        )
         self.batchers[key] = batcher
         metrics.MODELS_LOADED.labels(model=model.name).set(
             sum(1 for k in self.batchers if k[0] == model.name)
