@@ -76,6 +76,9 @@ class Settings:
     drain_seconds: float = field(
         default=10.0, metadata={"help": "on SIGTERM, how long in-flight work may take to finish"}
     )
+    tune_malloc: bool = field(
+        default=True, metadata={"help": "keep freed memory for reuse (glibc mallopt): faster large messages"}
+    )
     ready_file: Path | None = field(
         default=None, metadata={"help": "write {address, metrics_address, pid} JSON here once SERVING"}
     )

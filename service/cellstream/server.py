@@ -7,6 +7,7 @@ NOT_SERVING, refuse new work, finish queued work -> stop -> exit 0.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import logging
 import os
@@ -205,9 +206,32 @@ async def serve(settings: Settings) -> None:
     await server.stop()
 
 
+def tune_allocator() -> bool:
+    """Keep freed memory in the process instead of handing it back to the kernel at once.
+
+    A StepBatch of 10,000 GRU streams moves a few 2.5 MB buffers per message (gather, outputs,
+    reply bytes, serialized reply). With glibc's defaults each of them is mmap-ed fresh and
+    page-faulted in again every time, which measured about a third of the server's time on
+    these VMs. Raising the mmap and trim thresholds makes them reuse warm heap memory; RSS then
+    stays at its high-water mark instead of shrinking between messages. glibc only; elsewhere a no-op.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    return bool(
+        libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's maximum
+        and libc.mallopt(m_trim_threshold, 1 << 30)
+        and libc.mallopt(m_top_pad, 64 << 20)
+    )
+
+
 def run(settings: Settings) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if settings.tune_malloc:
+        tune_allocator()
     asyncio.run(serve(settings))
     return 0
