@@ -76,6 +76,9 @@ class Settings:
     drain_seconds: float = field(
         default=10.0, metadata={"help": "on SIGTERM, how long in-flight work may take to finish"}
     )
+    event_loop: str = field(
+        default="asyncio", metadata={"help": "'asyncio', or 'uvloop' (the [uvloop] extra)"}
+    )
     tune_malloc: bool = field(
         default=True, metadata={"help": "keep freed memory for reuse (glibc mallopt): faster large messages"}
     )

@@ -233,5 +233,11 @@ def run(settings: Settings) -> int:
     )
     if settings.tune_malloc:
         tune_allocator()
-    asyncio.run(serve(settings))
+    loop_factory = None
+    if settings.event_loop == "uvloop":
+        import uvloop  # noqa: PLC0415 - optional: pip install 'cellstream[uvloop]'
+
+        loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(serve(settings))
     return 0
