@@ -70,7 +70,7 @@ class Settings:
     )
     intra_op_threads: int = field(default=1, metadata={"help": "onnxruntime threads per model run"})
     inline_batch: int = field(
-        default=16,
+        default=256,
         metadata={"help": "runs of at most this many readings stay on the event loop (no thread hop)"},
     )
     drain_seconds: float = field(

@@ -97,6 +97,7 @@ class Engine:
         self.deployment = Deployment(repository, settings)
         self.directory = self.deployment.directory
         self.draining = False
+        self.longest_snapshot_pause = 0.0  # seconds, of the last snapshot
         metrics.MAX_QUEUE.set(settings.max_queue)
         metrics.MAX_STREAMS.set(settings.max_streams)
 
@@ -351,12 +352,20 @@ class Engine:
         loop = asyncio.get_running_loop()
         return await self._control(batcher, ControlWork(stream_id, drop, loop.create_future()))
 
+    def _timed_copy(self, store: StateStore, start: int, stop: int) -> StreamRows:
+        """One chunk copy; its duration is how long that model's traffic waited for the snapshot."""
+        started = time.perf_counter()
+        rows = store.copy_rows(start, stop)
+        self.longest_snapshot_pause = max(self.longest_snapshot_pause, time.perf_counter() - started)
+        return rows
+
     async def snapshot(self, models: Sequence[str] = ()) -> list[ModelSection]:
         """Copy every stream, a chunk of rows at a time between runs, so traffic pauses only briefly."""
         unknown = set(models) - set(self.model_names())
         if unknown:
             raise UnknownModel(f"no model {sorted(unknown)} here; models: {self.model_names()}")
         sections = []
+        self.longest_snapshot_pause = 0.0
         for (name, _), batcher in sorted(self.batchers.items()):
             if models and name not in models:
                 continue
@@ -364,10 +373,8 @@ class Engine:
             high = await batcher.between_runs(lambda s: s.high_water)
             parts = [store.copy_rows(0, 0)]
             for start in range(0, high, SNAPSHOT_CHUNK):
-                stop = start + SNAPSHOT_CHUNK
-                parts.append(
-                    await batcher.between_runs(partial(StateStore.copy_rows, start=start, stop=stop))
-                )
+                copy = partial(self._timed_copy, start=start, stop=start + SNAPSHOT_CHUNK)
+                parts.append(await batcher.between_runs(copy))
             model = batcher.model
             sections.append(
                 ModelSection(

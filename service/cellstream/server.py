@@ -156,7 +156,14 @@ class Server:
         metrics.SNAPSHOT_LAST_SUCCESS.set(time.time())
         metrics.SNAPSHOT_BYTES.set(size)
         metrics.SNAPSHOT_STREAMS.set(streams)
-        log.info("snapshot of %d streams: %s, %d bytes in %.0f ms", streams, path.name, size, elapsed * 1000)
+        log.info(
+            "snapshot of %d streams: %s, %d bytes in %.0f ms (traffic paused at most %.1f ms)",
+            streams,
+            path.name,
+            size,
+            elapsed * 1000,
+            self.engine.longest_snapshot_pause * 1000,
+        )
 
     def _write_ready(self, path: Path) -> None:
         tmp = path.with_name(path.name + ".tmp")
