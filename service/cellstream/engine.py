@@ -277,7 +277,8 @@ class Engine:
             bad_id = first_bad_stream_id([stream_ids[i] for i in new], new)
             if bad_id is not None:
                 errors.append(bad_id)
-            for i, key in enumerate(keys):
+            elsewhere = set(keys) - {None, current.key}  # in C; the loop below only names the index
+            for i, key in enumerate(keys if elsewhere & set(self.batchers) else ()):
                 if key is not None and key != current.key and key in self.batchers:
                     where = "model" if key[0] != name else "an older version of model"
                     message = (
