@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,9 +87,6 @@ class Settings:
     )
     log_level: str = field(default="INFO", metadata={"help": "logging level"})
 
-    def with_overrides(self, **changes: object) -> Settings:
-        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
-
 
 def _parse(kind: object, raw: str) -> object:
     if kind in (int, "int"):
@@ -128,12 +125,3 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str] | None = 
         except ValueError as exc:
             raise SystemExit(f"bad value for {f.name}: {raw!r} ({exc})") from exc
     return Settings(**values)  # type: ignore[arg-type]
-
-
-def describe(settings: Settings) -> Sequence[tuple[str, str, str]]:
-    """(flag, env var, default) rows for the README's settings table."""
-    defaults = Settings()
-    return [
-        ("--" + f.name.replace("_", "-"), ENV_PREFIX + f.name.upper(), str(getattr(defaults, f.name)))
-        for f in dataclasses.fields(settings)
-    ]

@@ -233,11 +233,6 @@ class Engine:
         )
         return future
 
-    async def step(
-        self, stream_id: str, model: str, values: Sequence[float] | np.ndarray, **options: object
-    ) -> StepResult:
-        return await self.submit_step(stream_id, model, values, **options)  # type: ignore[arg-type]
-
     async def step_batch(
         self,
         model: str,
