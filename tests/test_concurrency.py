@@ -105,3 +105,36 @@ def test_same_stream_never_in_one_batch_and_batches_form() -> None:
     assert max(run_sizes) <= 16, "a session.run exceeded --max-batch"
     assert max(run_sizes) > 1, "readings of different streams were never batched"
     assert max(len(rows) for rows in plans) > 16, "a trip to the worker never held several runs"
+
+
+def test_a_broken_batcher_fails_its_work_instead_of_hanging_and_keeps_serving() -> None:
+    from cellstream.errors import ModelFailure  # noqa: PLC0415
+    from cellstream.state import StateStore  # noqa: PLC0415
+
+    create = StateStore.create
+    calls = {"n": 0}
+
+    def flaky_create(self: StateStore, stream_ids: list[str]) -> np.ndarray:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected bug")
+        return create(self, stream_ids)
+
+    async def main() -> None:
+        engine = Engine(ModelRepository(MODELS, default_model="gru"), Settings(models=MODELS))
+        engine.start()
+        try:
+            first = engine.submit_step("victim", "gru", np.zeros(8, np.float32))
+            second = engine.submit_step("bystander", "gru", np.zeros(8, np.float32))
+            with pytest.raises(ModelFailure):
+                await asyncio.wait_for(first, 10)
+            with pytest.raises(ModelFailure):
+                await asyncio.wait_for(second, 10)
+            after = await asyncio.wait_for(engine.submit_step("later", "gru", np.zeros(8, np.float32)), 10)
+            assert after.step == 1
+        finally:
+            await engine.stop()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(StateStore, "create", flaky_create)
+        asyncio.run(main())

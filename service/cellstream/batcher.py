@@ -170,6 +170,8 @@ class Batcher:
         self._between: list[tuple[Callable[[StateStore], Any], asyncio.Future[Any]]] = []
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"cellstream-{model.name}")
         self._task: asyncio.Task[None] | None = None
+        self._taking: Work | None = None  # the work being looked at during assembly
+        self._in_hand = Plan()  # the plan being run, failed as a whole if the batcher itself breaks
         # While set and not done, no work runs (a new version waiting for its streams to arrive).
         self.hold: asyncio.Future[None] | None = None
         name = model.name
@@ -244,97 +246,118 @@ class Batcher:
                 future.set_exception(exc)
 
     async def _run_forever(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            if self._between:
-                self._run_between()
-            if not self._queue:
-                if self._between:
-                    continue
+            self._in_hand = Plan()
+            try:
+                await self._run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # A bug must not leave callers waiting forever: fail what is in hand and go on.
+                log.exception("the batcher of model %s failed; failing its queued work", self.model.name)
+                error = ModelFailure("internal error in the server; see its log")
+                self._fail(self._in_hand, error)
+                for work in [*self._queue, *([self._taking] if self._taking else [])]:
+                    if not work.future.done():
+                        work.future.set_exception(error)
+                self._queue.clear()
+                self._queued = 0
+                self._taking = None
+
+    async def _run_once(self) -> None:
+        """Wait for work, then assemble, run and complete one plan."""
+        if self._between:
+            self._run_between()
+        if not self._queue:
+            if not self._between:
                 self._idle.set()
                 self._wake.clear()
                 await self._wake.wait()
-                continue
-            if self.hold is not None and not self.hold.done():
-                await asyncio.wait([self.hold])
-                continue
-            plan = self._assemble()
-            self._m_depth.set(self._queued)
-            if not plan.size:
-                continue
-            try:
-                if plan.size <= self.inline_batch:
-                    outputs, states, steps = self._execute(plan)
-                else:
-                    outputs, states, steps = await loop.run_in_executor(self._executor, self._execute, plan)
-            except Exception as exc:
-                log.exception("model %s failed on a batch of %d", self.model.name, plan.size)
-                self._fail(plan, ModelFailure(f"model {self.model.name!r} failed: {exc}"))
-                continue
-            self._complete(plan, outputs, states, steps)
+            return
+        if self.hold is not None and not self.hold.done():
+            await asyncio.wait([self.hold])
+            return
+        plan = self._in_hand = self._assemble()
+        self._m_depth.set(self._queued)
+        if not plan.size:
+            return
+        try:
+            if plan.size <= self.inline_batch:
+                outputs, states, steps = self._execute(plan)
+            else:
+                loop = asyncio.get_running_loop()
+                outputs, states, steps = await loop.run_in_executor(self._executor, self._execute, plan)
+        except Exception as exc:
+            log.exception("model %s failed on a batch of %d", self.model.name, plan.size)
+            self._fail(plan, ModelFailure(f"model {self.model.name!r} failed: {exc}"))
+            return
+        self._complete(plan, outputs, states, steps)
 
     def _assemble(self) -> Plan:
         """Take waiting work in order, skipping any stream already in this run (and all after it)."""
         store = self.store
         busy = store.protected = np.zeros(store.capacity, bool)
-        plan = Plan()
+        plan = self._in_hand = Plan()
         budget = self.plan_limit
         now = time.perf_counter()
         deadline_now = time.monotonic()
         kept: deque[Work] = deque()
         waiting: set[str] = set()  # streams whose earlier work waits on another model version
         queue = self._queue
-        while queue and budget:
-            work = queue.popleft()
-            if isinstance(work, BatchWork):
-                if work.rows is not None and not work.waves:
-                    continue  # failed part-way; nothing more of it runs
-                if waiting and not waiting.isdisjoint(work.stream_ids):
-                    waiting.update(work.stream_ids)
+        try:
+            while queue and budget:
+                work = self._taking = queue.popleft()
+                if isinstance(work, BatchWork):
+                    if work.rows is not None and not work.waves:
+                        continue  # failed part-way; nothing more of it runs
+                    if waiting and not waiting.isdisjoint(work.stream_ids):
+                        waiting.update(work.stream_ids)
+                        kept.append(work)
+                        continue
+                    if work.rows is None:
+                        if not self._begin_batch(work, deadline_now):
+                            continue
+                        busy = self._fit(busy)
+                    budget -= self._take_wave(work, busy, budget, plan, now)
+                    if work.waves:
+                        kept.append(work)
+                    continue
+                if work.future.done():  # the caller gave up (cancelled, deadline) before the work ran
+                    self._queued -= 1
+                    self._m_cancelled.inc()
+                    self._forget_if_unstarted(work.stream_id)
+                    continue
+                if work.stream_id in waiting or (
+                    isinstance(work, StepWork) and work.after is not None and not work.after.done()
+                ):
+                    waiting.add(work.stream_id)
                     kept.append(work)
                     continue
-                if work.rows is None:
-                    if not self._begin_batch(work, deadline_now):
-                        continue
-                    busy = self._fit(busy)
-                budget -= self._take_wave(work, busy, budget, plan, now)
-                if work.waves:
+                row = store.row_of(work.stream_id)
+                if row is not None and busy[row]:
                     kept.append(work)
-                continue
-            if work.future.done():  # the caller gave up (cancelled, deadline) before the work ran
+                    continue
                 self._queued -= 1
-                self._m_cancelled.inc()
-                self._forget_if_unstarted(work.stream_id)
-                continue
-            if work.stream_id in waiting or (
-                isinstance(work, StepWork) and work.after is not None and not work.after.done()
-            ):
-                waiting.add(work.stream_id)
-                kept.append(work)
-                continue
-            row = store.row_of(work.stream_id)
-            if row is not None and busy[row]:
-                kept.append(work)
-                continue
-            self._queued -= 1
-            if isinstance(work, ControlWork):
-                self._control(work, row)
-                if row is not None and row < len(busy):
+                if isinstance(work, ControlWork):
+                    self._control(work, row)
+                    if row is not None and row < len(busy):
+                        busy[row] = True
+                    continue
+                if work.deadline is not None and deadline_now > work.deadline:
+                    self._m_deadline.inc()
+                    work.future.set_exception(DeadlineExpired("the deadline passed while the reading waited"))
+                    self._forget_if_unstarted(work.stream_id)
+                    continue
+                row = self._take_single(work, row, plan, now)
+                if row is not None:
+                    busy = self._fit(busy)
                     busy[row] = True
-                continue
-            if work.deadline is not None and deadline_now > work.deadline:
-                self._m_deadline.inc()
-                work.future.set_exception(DeadlineExpired("the deadline passed while the reading waited"))
-                self._forget_if_unstarted(work.stream_id)
-                continue
-            row = self._take_single(work, row, plan, now)
-            if row is not None:
-                busy = self._fit(busy)
-                busy[row] = True
-                budget -= 1
-        kept.extend(queue)
-        self._queue = kept
-        store.protected = None
+                    budget -= 1
+            self._taking = None
+        finally:  # whatever was taken off the queue and not planned goes back, even on an error
+            kept.extend(queue)
+            self._queue = kept
+            store.protected = None
         return plan
 
     def _forget_if_unstarted(self, stream_id: str) -> None:
