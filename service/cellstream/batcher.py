@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ is ~2x slower, per reading
 class StepResult:
     """The reply to one reading."""
 
@@ -54,7 +54,7 @@ class BatchResult:
     steps: np.ndarray
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class StepWork:
     """One reading of one stream, with the per-step options of the Step RPC."""
 
