@@ -151,6 +151,7 @@ class Batcher:
         max_queue: int = 0,
         inline_batch: int = 0,
         runs_per_trip: int = 8,
+        compute_threads: int = 1,
     ) -> None:
         self.model = model
         self.store = store
@@ -168,6 +169,12 @@ class Batcher:
         self._idle.set()
         # Actions that need the store to themselves (snapshot copies, expiry): run between runs.
         self._between: list[tuple[Callable[[StateStore], Any], asyncio.Future[Any]]] = []
+        # Extra threads for the runs of one big plan (onnxruntime releases the GIL while it runs).
+        self._compute = (
+            ThreadPoolExecutor(max_workers=compute_threads, thread_name_prefix=f"cellstream-{model.name}-run")
+            if compute_threads > 1
+            else None
+        )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"cellstream-{model.name}")
         self._task: asyncio.Task[None] | None = None
         self._taking: Work | None = None  # the work being looked at during assembly
@@ -199,6 +206,8 @@ class Batcher:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         self._executor.shutdown(wait=True)
+        if self._compute is not None:
+            self._compute.shutdown(wait=True)
 
     async def wait_idle(self) -> None:
         await self._idle.wait()
@@ -502,13 +511,21 @@ class Batcher:
         else:
             outputs = np.empty((n, self.model.output_size), np.float32)
             next_states = [np.empty_like(value) for value in states]
-            for start in range(0, n, limit):
+
+            def run(start: int) -> None:
                 end = min(start + limit, n)
                 out, next_part = self.model.run(x[start:end], [value[start:end] for value in states])
                 outputs[start:end] = out
                 for target, value in zip(next_states, next_part, strict=True):
                     target[start:end] = value
                 self._m_batch.observe(end - start)
+
+            # The runs of one plan touch disjoint rows: spread them over the compute threads.
+            if self._compute is None:
+                for start in range(0, n, limit):
+                    run(start)
+            else:
+                list(self._compute.map(run, range(0, n, limit)))
         for slab, value in zip(store.slabs, next_states, strict=True):
             slab[rows] = value
         steps = (np.concatenate(step_parts) if len(step_parts) > 1 else step_parts[0]) + np.uint64(1)

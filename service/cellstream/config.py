@@ -69,6 +69,9 @@ class Settings:
         default=1024, metadata={"help": "unanswered readings per StepStream call before reading pauses"}
     )
     intra_op_threads: int = field(default=1, metadata={"help": "onnxruntime threads per model run"})
+    compute_threads: int = field(
+        default=2, metadata={"help": "threads running the session.run calls of one large plan in parallel"}
+    )
     inline_batch: int = field(
         default=256,
         metadata={"help": "runs of at most this many readings stay on the event loop (no thread hop)"},

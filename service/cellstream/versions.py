@@ -56,6 +56,7 @@ class Deployment:
             max_batch=self.settings.max_batch,
             max_queue=self.settings.max_queue,
             inline_batch=self.settings.inline_batch,
+            compute_threads=self.settings.compute_threads,
         )
         self.batchers[key] = batcher
         metrics.MODELS_LOADED.labels(model=model.name).set(
