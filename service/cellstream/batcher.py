@@ -31,6 +31,8 @@ from cellstream.model import CellModel
 from cellstream.state import StateStore
 
 log = logging.getLogger(__name__)
+# Runs smaller than this stay on one thread: a hand-off costs more than they take.
+PARALLEL_RUN_MIN = 256
 T = TypeVar("T")
 
 
@@ -521,7 +523,7 @@ class Batcher:
                 self._m_batch.observe(end - start)
 
             # The runs of one plan touch disjoint rows: spread them over the compute threads.
-            if self._compute is None:
+            if self._compute is None or limit < PARALLEL_RUN_MIN:
                 for start in range(0, n, limit):
                     run(start)
             else:
