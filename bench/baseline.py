@@ -13,22 +13,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
 
 from cellstream._proto.cellstream.v1 import cellstream_pb2 as pb
 from cellstream._proto.cellstream.v1 import cellstream_pb2_grpc as pb_grpc
-from cellstream.client import MAX_MESSAGE
 from cellstream.model import CellModel, find_model_file
 
-from .servers import write_ready
+from .servers import serve_until_signal
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -135,24 +131,11 @@ class NaiveServicer(pb_grpc.CellStreamServicer):
 async def serve(args: argparse.Namespace) -> None:
     path, version = find_model_file(Path(args.models) / args.model)
     model = CellModel(path, name=args.model, version=version)
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE),
-            ("grpc.max_send_message_length", MAX_MESSAGE),
-        ]
+    await serve_until_signal(
+        lambda server: pb_grpc.add_CellStreamServicer_to_server(NaiveServicer(model), server),
+        args.address,
+        args.ready_file,
     )
-    pb_grpc.add_CellStreamServicer_to_server(NaiveServicer(model), server)
-    health_servicer = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(args.address)
-    await server.start()
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    write_ready(args.ready_file, f"127.0.0.1:{port}")
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop(1.0)
 
 
 def main() -> None:

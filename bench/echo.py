@@ -14,19 +14,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
-import signal
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
 
 from cellstream._proto.cellstream.v1 import cellstream_pb2 as pb
 from cellstream._proto.cellstream.v1 import cellstream_pb2_grpc as pb_grpc
-from cellstream.client import MAX_MESSAGE
 
-from .servers import write_ready
+from .servers import serve_until_signal
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -120,27 +116,12 @@ class EchoServicer(pb_grpc.CellStreamServicer):
 
 
 async def serve(args: argparse.Namespace) -> None:
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE),
-            ("grpc.max_send_message_length", MAX_MESSAGE),
-            ("grpc.so_reuseport", 0),
-        ]
-    )
     servicer = EchoServicer(args.model, args.input_size, args.output_size, parse_states(args.state))
-    pb_grpc.add_CellStreamServicer_to_server(servicer, server)
-    health_servicer = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(args.address)
-    await server.start()
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    write_ready(args.ready_file, f"127.0.0.1:{port}")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop(1.0)
+    await serve_until_signal(
+        lambda server: pb_grpc.add_CellStreamServicer_to_server(servicer, server),
+        args.address,
+        args.ready_file,
+    )
 
 
 def main() -> None:

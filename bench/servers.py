@@ -6,17 +6,22 @@ pid} once SERVING. The time from `Popen` to the ready file is the start-up time.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+
+from cellstream.client import MAX_MESSAGE
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -135,3 +140,28 @@ def echo_command(
 
 def baseline_command(models: Path, model: str) -> list[str]:
     return [sys.executable, "-m", "bench.baseline", "--models", str(models), "--model", model]
+
+
+async def serve_until_signal(
+    add_servicer: Callable[[grpc.aio.Server], None], address: str, ready_file: str
+) -> None:
+    """Run a bench gRPC server (echo or naive) with health SERVING until SIGTERM/SIGINT."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+        ]
+    )
+    add_servicer(server)
+    health_servicer = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(address)
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    write_ready(ready_file, f"127.0.0.1:{port}")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(1.0)

@@ -139,7 +139,7 @@ class Deployment:
                 continue
             self._refused.pop(name, None)
             await self.activate(model)
-        self.prune()
+        await self.prune()
 
     async def activate(self, model: CellModel) -> None:
         """Make `model` the version new streams start on; migrate live streams if so configured."""
@@ -179,7 +179,7 @@ class Deployment:
         )
         await self._unload(old)
 
-    def prune(self) -> None:
+    async def prune(self) -> None:
         """Unload old versions whose last stream is gone."""
         for batcher in list(self.batchers.values()):
             if (
@@ -187,7 +187,7 @@ class Deployment:
                 and not len(batcher.store)
                 and not batcher.queued
             ):
-                asyncio.get_running_loop().create_task(self._unload(batcher))
+                await self._unload(batcher)
 
     async def _unload(self, batcher: Batcher) -> None:
         if self.batchers.pop(batcher.key, None) is None:
