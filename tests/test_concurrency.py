@@ -138,3 +138,46 @@ def test_a_broken_batcher_fails_its_work_instead_of_hanging_and_keeps_serving() 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(StateStore, "create", flaky_create)
         asyncio.run(main())
+
+
+def test_requests_that_arrive_together_share_one_run() -> None:
+    """gRPC hands a burst of requests to the loop over successive iterations; the batcher lets the
+    loop finish them before it plans, so they share one run instead of running one or two each."""
+    run_sizes: list[int] = []
+    run = CellModel.run
+
+    def recording_run(
+        self: CellModel, x: np.ndarray, states: list[np.ndarray]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        run_sizes.append(len(x))
+        return run(self, x, states)
+
+    async def main() -> None:
+        engine = Engine(ModelRepository(MODELS, default_model="gru"), Settings(models=MODELS))
+        engine.start()
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[object]] = []
+
+        def submit(k: int) -> None:
+            futures.append(engine.submit_step(f"burst-{k}", "gru", np.zeros(8, np.float32)))
+            if k + 1 < 40:
+                loop.call_soon(submit, k + 1)  # the next request arrives in the next iteration
+
+        try:
+            await asyncio.sleep(0)  # the batcher task is waiting for work
+            run_sizes.clear()  # (runs made while loading the model)
+            loop.call_soon(submit, 0)
+            await asyncio.wait_for(_all_done(futures, 40), 10)
+        finally:
+            await engine.stop()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(CellModel, "run", recording_run)
+        asyncio.run(main())
+    assert run_sizes == [40]
+
+
+async def _all_done(futures: list[asyncio.Future[object]], n: int) -> None:
+    while len(futures) < n:
+        await asyncio.sleep(0)
+    await asyncio.gather(*futures)

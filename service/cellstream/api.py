@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -17,8 +18,9 @@ import numpy as np
 from cellstream import errors, metrics
 from cellstream._proto.cellstream.v1 import cellstream_pb2 as pb
 from cellstream._proto.cellstream.v1 import cellstream_pb2_grpc as pb_grpc
-from cellstream.batcher import StepResult
+from cellstream.batcher import Layout, StepResult
 from cellstream.engine import Engine, StreamView, TensorValue
+from cellstream.wire import ReplyEncoder
 
 Context = grpc.aio.ServicerContext[Any, Any]
 STEP_METADATA = "cellstream-step"
@@ -36,6 +38,75 @@ CODES: dict[type[errors.CellStreamError], grpc.StatusCode] = {
     errors.DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.ModelFailure: grpc.StatusCode.INTERNAL,
 }
+
+
+class _StreamCall:
+    """The replies of one StepStream call, in request order, and the reader/writer wake-ups.
+
+    A future per reading would wake the writer once per reply; here the batcher fills slots and
+    the writer is woken once per completed run, then sends every reply that is ready.
+    """
+
+    __slots__ = ("_loop", "_space", "_waiter", "slots", "window")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, window: int) -> None:
+        self._loop = loop
+        self.window = window
+        self.slots: deque[_Slot] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._space: asyncio.Future[None] | None = None
+
+    def wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self) -> None:
+        self._waiter = self._loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def freed(self) -> None:
+        space = self._space
+        if space is not None and not space.done() and len(self.slots) < self.window:
+            space.set_result(None)
+
+    async def wait_for_space(self) -> None:
+        while len(self.slots) >= self.window:
+            self._space = self._loop.create_future()
+            try:
+                await self._space
+            finally:
+                self._space = None
+
+
+class _Slot:
+    """One StepStream reading's place in the reply order; the batcher fills it like a future."""
+
+    __slots__ = ("call", "error", "finished", "request", "result", "started")
+
+    def __init__(self, call: _StreamCall, request: pb.StepRequest, started: float) -> None:
+        self.call = call
+        self.request = request
+        self.started = started
+        self.result: StepResult | None = None
+        self.error: BaseException | None = None
+        self.finished = False
+
+    def done(self) -> bool:
+        return self.finished
+
+    def set_result(self, result: StepResult) -> None:
+        self.result = result
+        self.finished = True
+        self.call.wake()
+
+    def set_exception(self, exception: BaseException) -> None:
+        self.error = exception
+        self.finished = True
+        self.call.wake()
 
 
 def code_of(error: errors.CellStreamError) -> grpc.StatusCode:
@@ -70,6 +141,7 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
         self._default = engine.repository.default or ""
         # labels() costs a few µs per call: keep each (method, model, code) child once looked up.
         self._histograms: dict[tuple[str, str, grpc.StatusCode], Any] = {}
+        self._encoders: dict[Layout, ReplyEncoder] = {}
 
     def _label(self, model: str) -> str:
         """Metric labels only ever carry served model names (never arbitrary client strings)."""
@@ -114,24 +186,27 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
             deadline=deadline,
         )
 
-    @staticmethod
-    def _reply(request: pb.StepRequest, result: StepResult) -> pb.StepResponse:
-        reply = pb.StepResponse(
-            stream_id=result.stream_id,
-            output=result.output.tolist(),
-            step=result.step,
+    def _reply(self, request: pb.StepRequest, result: StepResult) -> bytes:
+        """The StepResponse, already serialized (see wire.py): a slice of the run's bytes per field."""
+        run = result.run
+        encoder = self._encoders.get(run.layout)
+        if encoder is None:
+            encoder = self._encoders[run.layout] = ReplyEncoder(run.layout.output_size, run.layout.states)
+        outputs, states = run.as_bytes()
+        i = result.index
+        size = encoder.output_bytes
+        return encoder.encode(
+            result.stream_id,
+            outputs[i * size : (i + 1) * size],
+            [data[i * n : (i + 1) * n] for data, n in zip(states, encoder.state_bytes, strict=True)]
+            if result.want_state
+            else None,
+            result.step,
             request_id=request.request_id,
             replayed=result.replayed,
         )
-        if result.state is not None:
-            # Filling the map's Tensors in place is ~40 % cheaper than building Tensor messages.
-            for name, value in result.state.items():
-                tensor = reply.state[name]
-                tensor.shape.extend(value.shape)
-                tensor.data.extend(value.ravel().tolist())
-        return reply
 
-    async def Step(self, request: pb.StepRequest, context: Context) -> pb.StepResponse:
+    async def Step(self, request: pb.StepRequest, context: Context) -> pb.StepResponse | bytes:
         started = time.perf_counter()
         try:
             result = await self._submit(request, _deadline(context))
@@ -143,52 +218,72 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
 
     async def StepStream(
         self, request_iterator: AsyncIterator[pb.StepRequest], context: Context
-    ) -> AsyncIterator[pb.StepResponse]:
-        # The bounded queue is the flow control: when `stream_window` replies are unsent, reading
-        # stops, and HTTP/2 pushes back on the client instead of the server buffering without end.
-        pending: asyncio.Queue[tuple[pb.StepRequest, float, asyncio.Future[StepResult] | Exception] | None]
-        pending = asyncio.Queue(self.stream_window)
+    ) -> AsyncIterator[pb.StepResponse | bytes]:
+        call = _StreamCall(asyncio.get_running_loop(), self.stream_window)
         deadline = _deadline(context)
+        slots = call.slots
 
         async def read() -> None:
-            async for request in request_iterator:
-                started = time.perf_counter()
-                item: asyncio.Future[StepResult] | Exception
-                try:
-                    item = self._submit(request, deadline)
-                except errors.CellStreamError as exc:
-                    item = exc
-                await pending.put((request, started, item))
-            await pending.put(None)
+            try:
+                async for request in request_iterator:
+                    slot = _Slot(call, request, time.perf_counter())
+                    slots.append(slot)
+                    try:
+                        self.engine.queue_step(
+                            slot,
+                            request.stream_id,
+                            request.model,
+                            request.input,
+                            state=tensors_in(request.state) if request.state else None,
+                            reset=request.reset,
+                            end=request.end,
+                            seq=request.seq,
+                            want_state=not request.omit_state,
+                            deadline=deadline,
+                        )
+                    except errors.CellStreamError as exc:
+                        slot.set_exception(exc)
+                    # The window is the flow control: with `stream_window` replies unsent, reading
+                    # stops, and HTTP/2 pushes back on the client instead of the server buffering.
+                    if len(slots) >= call.window:
+                        await call.wait_for_space()
+            finally:
+                call.wake()
 
         reader = asyncio.create_task(read())
         try:
-            while (entry := await pending.get()) is not None:
-                request, started, item = entry
-                try:
-                    if isinstance(item, Exception):
-                        raise item
-                    result = await item
-                except errors.CellStreamError as exc:
-                    code = code_of(exc)
-                    self._observe("StepStream", request.model, code, started)
-                    yield pb.StepResponse(
-                        stream_id=request.stream_id,
-                        request_id=request.request_id,
-                        error=pb.Error(code=code.value[0], message=str(exc)),
-                    )
-                    continue
-                self._observe("StepStream", request.model, grpc.StatusCode.OK, started)
-                yield self._reply(request, result)
-            await reader
+            while True:
+                # Replies go out in request order, as each one at the head is ready.
+                while slots and slots[0].finished:
+                    slot = slots.popleft()
+                    call.freed()
+                    yield self._stream_reply(slot)
+                if not slots and reader.done():
+                    break
+                await call.wait()
+            await reader  # a failed read (the client went away) ends the call with its error
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
-            while not pending.empty():
-                entry = pending.get_nowait()
-                if entry is not None and isinstance(entry[2], asyncio.Future):
-                    entry[2].cancel()
+            for slot in slots:
+                slot.finished = True  # the batcher skips readings whose caller is gone
+
+    def _stream_reply(self, slot: _Slot) -> pb.StepResponse | bytes:
+        request = slot.request
+        if slot.error is not None:
+            if not isinstance(slot.error, errors.CellStreamError):
+                raise slot.error
+            code = code_of(slot.error)
+            self._observe("StepStream", request.model, code, slot.started)
+            return pb.StepResponse(
+                stream_id=request.stream_id,
+                request_id=request.request_id,
+                error=pb.Error(code=code.value[0], message=str(slot.error)),
+            )
+        assert slot.result is not None
+        self._observe("StepStream", request.model, grpc.StatusCode.OK, slot.started)
+        return self._reply(request, slot.result)
 
     async def StepBatch(self, request: pb.StepBatchRequest, context: Context) -> pb.StepBatchResponse:
         started = time.perf_counter()
@@ -292,3 +387,36 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
         ]
         self._observe("ListModels", "", grpc.StatusCode.OK, started)
         return pb.ListModelsResponse(models=models)
+
+
+def _serialize_step_response(reply: pb.StepResponse | bytes) -> bytes:
+    """Replies of Step and StepStream come pre-encoded (bytes), error replies as messages."""
+    return reply if reply.__class__ is bytes else reply.SerializeToString()  # type: ignore[union-attr]
+
+
+_HANDLER_KINDS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def add_to_server(servicer: CellStreamServicer, server: grpc.aio.Server) -> None:
+    """Register the service as the generated code would, but let StepResponses be sent as bytes."""
+    service = pb.DESCRIPTOR.services_by_name["CellStream"]
+    handlers = {}
+    for method in service.methods:
+        request_type = getattr(pb, method.input_type.name)
+        response_type = getattr(pb, method.output_type.name)
+        serialize = (
+            _serialize_step_response if response_type is pb.StepResponse else response_type.SerializeToString
+        )
+        kind = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = kind(
+            getattr(servicer, method.name),
+            request_deserializer=request_type.FromString,
+            response_serializer=serialize,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)  # type: ignore[attr-defined]

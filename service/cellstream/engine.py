@@ -20,7 +20,7 @@ from typing import TypeVar
 import numpy as np
 
 from cellstream import metrics
-from cellstream.batcher import Batcher, BatchResult, BatchWork, ControlWork, StepResult, StepWork
+from cellstream.batcher import Batcher, BatchResult, BatchWork, ControlWork, Sink, StepResult, StepWork
 from cellstream.config import Settings
 from cellstream.errors import BadInput, Draining, UnknownModel, UnknownStream, WrongModel
 from cellstream.model import CellModel, ModelRepository
@@ -206,6 +206,36 @@ class Engine:
         deadline: float | None = None,
     ) -> asyncio.Future[StepResult]:
         """Validate and queue one reading; the future resolves when it has run."""
+        future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
+        self.queue_step(
+            future,
+            stream_id,
+            model,
+            values,
+            state=state,
+            reset=reset,
+            end=end,
+            seq=seq,
+            want_state=want_state,
+            deadline=deadline,
+        )
+        return future
+
+    def queue_step(
+        self,
+        sink: Sink[StepResult],
+        stream_id: str,
+        model: str,
+        values: Sequence[float] | np.ndarray,
+        *,
+        state: Mapping[str, TensorValue] | None = None,
+        reset: bool = False,
+        end: bool = False,
+        seq: int = 0,
+        want_state: bool = True,
+        deadline: float | None = None,
+    ) -> None:
+        """Validate and queue one reading (raising if it is refused); `sink` gets its outcome."""
         name = self._model_name(model)
         check_stream_id(stream_id)
         model_now = self.deployment.current_for(name).model
@@ -216,12 +246,11 @@ class Engine:
         x = self._reading(values, cell)
         replace = self._states(state, cell) if state else None
         batcher, after = self.deployment.route(stream_id, name, reset=reset)
-        future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
         batcher.submit(
             StepWork(
                 stream_id,
                 x,
-                future,
+                sink,
                 seq=seq,
                 reset=reset,
                 replace=replace,
@@ -231,7 +260,6 @@ class Engine:
                 after=after,
             )
         )
-        return future
 
     async def step_batch(
         self,

@@ -25,8 +25,7 @@ from prometheus_client import start_http_server
 
 from cellstream import metrics
 from cellstream._proto.cellstream.v1 import cellstream_pb2 as pb
-from cellstream._proto.cellstream.v1 import cellstream_pb2_grpc as pb_grpc
-from cellstream.api import CellStreamServicer
+from cellstream.api import CellStreamServicer, add_to_server
 from cellstream.config import Settings
 from cellstream.engine import Engine
 from cellstream.model import ModelRepository
@@ -73,9 +72,7 @@ class Server:
             ("grpc.so_reuseport", 0),
         ]
         server = grpc.aio.server(options=options)
-        pb_grpc.add_CellStreamServicer_to_server(
-            CellStreamServicer(self.engine, settings.stream_window), server
-        )
+        add_to_server(CellStreamServicer(self.engine, settings.stream_window), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server

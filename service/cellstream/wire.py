@@ -1,0 +1,94 @@
+"""StepResponse bytes written directly, for the per-reading replies of Step and StepStream.
+
+Building a StepResponse message (a Tensor per state, floats converted one by one from Python
+lists) and serializing it was the largest piece of cellstream's own work per reading. For a model
+every reply has the same layout except the stream id, the float bytes and a few integers, so the
+fixed parts are made once per model and a reply is a join of a few byte strings. The result is
+ordinary protobuf wire format: any client parses it with the generated classes, and
+tests/test_wire.py checks it against `StepResponse.SerializeToString` field for field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+_ONE_BYTE = [bytes([n]) for n in range(0x80)]
+
+# Field keys (field number << 3 | wire type) of cellstream.v1.StepResponse and its map entries.
+_STREAM_ID = b"\x0a"  # 1, length-delimited
+_OUTPUT = b"\x12"  # 2, packed floats
+_STATE = b"\x1a"  # 3, map<string, Tensor> entry
+_STEP = b"\x20"  # 4, varint
+_REQUEST_ID = b"\x30"  # 6, varint
+_REPLAYED_TRUE = b"\x38\x01"  # 7, bool
+_ENTRY_KEY = b"\x0a"  # map entry: 1 = key
+_ENTRY_VALUE = b"\x12"  # map entry: 2 = value
+_TENSOR_SHAPE = b"\x0a"  # Tensor: 1 = packed int64 shape
+_TENSOR_DATA = b"\x12"  # Tensor: 2 = packed float data
+
+
+def varint(value: int) -> bytes:
+    """Protobuf base-128 varint of a non-negative integer below 2**64."""
+    if value < 0x80:
+        return _ONE_BYTE[value]
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _delimited(key: bytes, payload: bytes) -> bytes:
+    return key + varint(len(payload)) + payload
+
+
+class ReplyEncoder:
+    """Encodes the StepResponses of one model layout (output size, state names and shapes)."""
+
+    def __init__(self, output_size: int, states: Sequence[tuple[str, Sequence[int]]]) -> None:
+        self.output_bytes = 4 * output_size
+        self._output_head = _OUTPUT + varint(self.output_bytes) if output_size else b""
+        self.state_bytes: list[int] = []
+        self._state_heads: list[bytes] = []  # everything of a state's map entry before its floats
+        for name, shape in states:
+            size = 1
+            for dim in shape:
+                size *= int(dim)
+            data = 4 * size
+            shape_field = _delimited(_TENSOR_SHAPE, b"".join(varint(int(d)) for d in shape)) if shape else b""
+            tensor_head = shape_field + (_TENSOR_DATA + varint(data) if data else b"")
+            tensor_len = len(tensor_head) + data
+            key = _delimited(_ENTRY_KEY, name.encode())
+            entry_head = key + _ENTRY_VALUE + varint(tensor_len) + tensor_head
+            entry_len = len(entry_head) + data
+            self._state_heads.append(_STATE + varint(entry_len) + entry_head)
+            self.state_bytes.append(data)
+
+    def encode(
+        self,
+        stream_id: str,
+        output: bytes,
+        states: Sequence[bytes] | None,
+        step: int,
+        *,
+        request_id: int,
+        replayed: bool = False,
+    ) -> bytes:
+        """One StepResponse; `output` and each of `states` are the row's little-endian float32 bytes."""
+        parts: list[bytes] = []
+        if stream_id:
+            encoded_id = stream_id.encode()
+            parts += (_STREAM_ID, varint(len(encoded_id)), encoded_id)
+        if self.output_bytes:
+            parts += (self._output_head, output)
+        if states is not None:
+            for head, data in zip(self._state_heads, states, strict=True):
+                parts += (head, data)
+        if step:
+            parts += (_STEP, varint(step))
+        if request_id:
+            parts += (_REQUEST_ID, varint(request_id))
+        if replayed:
+            parts.append(_REPLAYED_TRUE)
+        return b"".join(parts)
