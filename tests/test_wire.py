@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cellstream._proto.cellstream.v1 import cellstream_pb2 as pb
-from cellstream.wire import ReplyEncoder, varint
+from cellstream.wire import ReplyEncoder, batch_reply, varint, varints
 
 LAYOUTS = {
     "gru": (1, [("h", (64,))]),
@@ -76,3 +76,33 @@ def test_varint_matches_protobuf_for_edge_values() -> None:
     for value in [0, 1, 127, 128, 255, 300, 16_383, 16_384, 2**32, 2**63, 2**64 - 1]:
         encoded = pb.StepResponse(step=value).SerializeToString()
         assert encoded == (b"\x20" + varint(value) if value else b"")
+
+
+@pytest.mark.parametrize(
+    "steps",
+    [
+        [1, 2, 3],
+        [0, 127, 128, 300, 16_383, 16_384, 2**21, 2**35, 2**63, 2**64 - 1],
+        list(range(0, 20_000, 7)),
+        [],
+    ],
+)
+@pytest.mark.parametrize("states", [None, {"h": (3,)}, {"h": (2, 4), "c": (2, 4)}])
+def test_batch_reply_parses_to_the_message_the_generated_code_builds(
+    steps: list[int], states: dict[str, tuple[int, ...]] | None
+) -> None:
+    n = len(steps)
+    rng = np.random.default_rng(n)
+    outputs = rng.standard_normal((n, 2)).astype(np.float32)
+    values = None
+    if states is not None:
+        values = {k: rng.standard_normal((n, *shape)).astype(np.float32) for k, shape in states.items()}
+    data = batch_reply(outputs, values, np.array(steps, np.uint64))
+    expected = pb.StepBatchResponse(
+        outputs=outputs.tobytes(),
+        states={} if values is None else {k: v.tobytes() for k, v in values.items()},
+        steps=steps,
+    )
+    assert pb.StepBatchResponse.FromString(data) == expected
+    packed = varints(np.array(steps, np.uint64))
+    assert pb.StepBatchResponse.FromString(b"\x1a" + varint(len(packed)) + packed).steps == steps

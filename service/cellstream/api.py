@@ -14,8 +14,9 @@ from typing import Any
 
 import grpc
 import numpy as np
+from google.protobuf.message import Message
 
-from cellstream import errors, metrics
+from cellstream import errors, metrics, wire
 from cellstream._proto.cellstream.v1 import cellstream_pb2 as pb
 from cellstream._proto.cellstream.v1 import cellstream_pb2_grpc as pb_grpc
 from cellstream.batcher import Layout, StepResult
@@ -285,7 +286,7 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
         self._observe("StepStream", request.model, grpc.StatusCode.OK, slot.started)
         return self._reply(request, slot.result)
 
-    async def StepBatch(self, request: pb.StepBatchRequest, context: Context) -> pb.StepBatchResponse:
+    async def StepBatch(self, request: pb.StepBatchRequest, context: Context) -> bytes:
         started = time.perf_counter()
         try:
             result = await self.engine.step_batch(
@@ -298,13 +299,7 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
         except errors.CellStreamError as exc:
             await self._fail(context, "StepBatch", request.model, exc, started)
             raise
-        reply = pb.StepBatchResponse(
-            outputs=result.outputs.astype("<f4", copy=False).tobytes(),
-            states=None
-            if result.states is None
-            else {name: value.astype("<f4", copy=False).tobytes() for name, value in result.states.items()},
-            steps=result.steps.tolist(),
-        )
+        reply = wire.batch_reply(result.outputs, result.states, result.steps)
         self._observe("StepBatch", request.model, grpc.StatusCode.OK, started)
         return reply
 
@@ -389,9 +384,12 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
         return pb.ListModelsResponse(models=models)
 
 
-def _serialize_step_response(reply: pb.StepResponse | bytes) -> bytes:
-    """Replies of Step and StepStream come pre-encoded (bytes), error replies as messages."""
+def _serialize_reply(reply: Message | bytes) -> bytes:
+    """Step, StepStream and StepBatch replies come pre-encoded (see wire.py); error replies as messages."""
     return reply if reply.__class__ is bytes else reply.SerializeToString()  # type: ignore[union-attr]
+
+
+PRE_ENCODED = (pb.StepResponse, pb.StepBatchResponse)
 
 
 _HANDLER_KINDS = {
@@ -409,9 +407,7 @@ def add_to_server(servicer: CellStreamServicer, server: grpc.aio.Server) -> None
     for method in service.methods:
         request_type = getattr(pb, method.input_type.name)
         response_type = getattr(pb, method.output_type.name)
-        serialize = (
-            _serialize_step_response if response_type is pb.StepResponse else response_type.SerializeToString
-        )
+        serialize = _serialize_reply if response_type in PRE_ENCODED else response_type.SerializeToString
         kind = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
         handlers[method.name] = kind(
             getattr(servicer, method.name),

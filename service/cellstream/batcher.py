@@ -142,6 +142,8 @@ class BatchWork:
     deadline: float | None = None
     enqueued: float = field(default_factory=time.perf_counter)
     rows: np.ndarray | None = None
+    # Worked out when the request came in, so that the batcher (between runs) has less to do:
+    looked_up: tuple[np.ndarray, int] | None = None  # StateStore.lookup rows and its generation
     waves: deque[np.ndarray] = field(default_factory=deque)
     outputs: np.ndarray | None = None
     states: list[np.ndarray] | None = None
@@ -184,7 +186,7 @@ class Plan:
         return len(self.singles) + self.piece_size
 
 
-def _waves(stream_ids: list[str]) -> deque[np.ndarray]:
+def plan_waves(stream_ids: list[str]) -> deque[np.ndarray]:
     """Split positions so each wave holds a stream at most once, keeping every stream's order."""
     n = len(stream_ids)
     if len(set(stream_ids)) == n:
@@ -232,6 +234,7 @@ class Batcher:
         # Actions that need the store to themselves (snapshot copies, expiry): run between runs.
         self._between: list[tuple[Callable[[StateStore], Any], asyncio.Future[Any]]] = []
         # Extra threads for the runs of one big plan (onnxruntime releases the GIL while it runs).
+        self._compute_threads = compute_threads
         self._compute = (
             ThreadPoolExecutor(max_workers=compute_threads, thread_name_prefix=f"cellstream-{model.name}-run")
             if compute_threads > 1
@@ -517,13 +520,15 @@ class Batcher:
             self._forget_unstarted_batch(work)
             return False
         try:
-            work.rows = self.store.rows_for(work.stream_ids)
+            work.rows = self.store.rows_for(work.stream_ids, work.looked_up)
         except CellStreamError as exc:
             work.future.set_exception(exc)
             self._queued -= n
             self._forget_unstarted_batch(work)
             return False
-        work.waves = _waves(work.stream_ids)
+        work.looked_up = None
+        if not work.waves:
+            work.waves = plan_waves(work.stream_ids)
         work.left = n
         return True
 
@@ -574,7 +579,7 @@ class Batcher:
             step_parts = [np.array(plan.single_steps, np.uint64), *step_parts]
         rows = np.concatenate(rows_parts) if len(rows_parts) > 1 else rows_parts[0]
         x = np.concatenate(x_parts) if len(x_parts) > 1 else x_parts[0]
-        states = [slab[rows] for slab in store.slabs]
+        states = [np.take(slab, rows, axis=0) for slab in store.slabs]  # ~3x faster than slab[rows]
         for position in plan.resets:
             for value, spec in zip(states, store.specs, strict=True):
                 value[position] = spec.initial
@@ -590,8 +595,16 @@ class Batcher:
             outputs = np.empty((n, self.model.output_size), np.float32)
             next_states = [np.empty_like(value) for value in states]
 
+            # Equal runs, as many as the compute threads can take evenly: 10,000 readings at
+            # --max-batch 2048 on 2 threads run as 6 x 1,667 (3 rounds) rather than 4 x 2,048 + 1,808.
+            runs = -(-n // limit)
+            threads = self._compute_threads
+            if threads > 1 and limit >= PARALLEL_RUN_MIN:
+                runs = -(-runs // threads) * threads
+            size = -(-n // runs)
+
             def run(start: int) -> None:
-                end = min(start + limit, n)
+                end = min(start + size, n)
                 out, next_part = self.model.run(x[start:end], [value[start:end] for value in states])
                 outputs[start:end] = out
                 for target, value in zip(next_states, next_part, strict=True):
@@ -600,10 +613,10 @@ class Batcher:
 
             # The runs of one plan touch disjoint rows: spread them over the compute threads.
             if self._compute is None or limit < PARALLEL_RUN_MIN:
-                for start in range(0, n, limit):
+                for start in range(0, n, size):
                     run(start)
             else:
-                list(self._compute.map(run, range(0, n, limit)))
+                list(self._compute.map(run, range(0, n, size)))
         for slab, value in zip(store.slabs, next_states, strict=True):
             slab[rows] = value
         steps = (np.concatenate(step_parts) if len(step_parts) > 1 else step_parts[0]) + np.uint64(1)

@@ -20,7 +20,16 @@ from typing import TypeVar
 import numpy as np
 
 from cellstream import metrics
-from cellstream.batcher import Batcher, BatchResult, BatchWork, ControlWork, Sink, StepResult, StepWork
+from cellstream.batcher import (
+    Batcher,
+    BatchResult,
+    BatchWork,
+    ControlWork,
+    Sink,
+    StepResult,
+    StepWork,
+    plan_waves,
+)
 from cellstream.config import Settings
 from cellstream.errors import BadInput, Draining, UnknownModel, UnknownStream, WrongModel
 from cellstream.model import CellModel, ModelRepository
@@ -292,9 +301,11 @@ class Engine:
         if not finite.all():
             index = int(np.flatnonzero(~finite)[0])
             errors.append((index, BadInput(f"stream_ids[{index}]: input holds NaN or infinity")))
-        keys = list(map(self.directory.owner.get, stream_ids))
-        known = keys.count(current.key)
-        if known != n:
+        store = current.store
+        looked_up = store.lookup(stream_ids)
+        generation = store.generation
+        if (looked_up < 0).any():  # (when every stream is in this version's store, all is known)
+            keys = list(map(self.directory.owner.get, stream_ids))
             # Known streams were checked when they were created: only new ids are looked at.
             new = [i for i, key in enumerate(keys) if key is None]
             bad_id = first_bad_stream_id([stream_ids[i] for i in new], new)
@@ -310,15 +321,27 @@ class Engine:
                     )
                     errors.append((i, BadInput(message)))
                     break
-        if errors:
-            raise min(errors, key=lambda error: error[0])[1]
-        if known != n:
+            if errors:
+                raise min(errors, key=lambda error: error[0])[1]
             fresh = [stream_ids[i] for i, key in enumerate(keys) if key != current.key]
-            self.directory.claim(list(dict.fromkeys(fresh)), current.key, over_limit=current.store.evict_lru)
+            if fresh:
+                self.directory.claim(
+                    list(dict.fromkeys(fresh)), current.key, over_limit=current.store.evict_lru
+                )
+        elif errors:
+            raise errors[0][1]
         batcher = current
         future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
         batcher.submit(
-            BatchWork(stream_ids, x.astype(np.float32), future, want_state=want_state, deadline=deadline)
+            BatchWork(
+                stream_ids,
+                x.astype(np.float32),
+                future,
+                want_state=want_state,
+                deadline=deadline,
+                looked_up=(looked_up, generation),
+                waves=plan_waves(stream_ids),
+            )
         )
         return await future
 

@@ -110,6 +110,8 @@ class StateStore:
         self.names = tuple(spec.name for spec in self.specs)
         self.directory = directory
         self.rows: dict[str, int] = {}
+        # Bumped whenever a row is freed: rows looked up before are still right while it is unchanged.
+        self.generation = 0
         self.ids: list[str | None] = [None] * capacity
         self.slabs = [np.empty((capacity, *spec.shape), np.float32) for spec in self.specs]
         self.steps = np.zeros(capacity, np.uint64)
@@ -136,10 +138,27 @@ class StateStore:
     def row_of(self, stream_id: str) -> int | None:
         return self.rows.get(stream_id)
 
-    def rows_for(self, stream_ids: Sequence[str]) -> np.ndarray:
-        """Rows of the given streams, creating the missing ones (all or none) at the initial state."""
-        rows = np.fromiter(map(self.rows.get, stream_ids, repeat(-1)), np.int64, len(stream_ids))
-        missing = np.flatnonzero(rows < 0)
+    def lookup(self, stream_ids: Sequence[str]) -> np.ndarray:
+        """Rows of the given streams, -1 where a stream is not here."""
+        return np.fromiter(map(self.rows.get, stream_ids, repeat(-1)), np.int64, len(stream_ids))
+
+    def rows_for(
+        self, stream_ids: Sequence[str], looked_up: tuple[np.ndarray, int] | None = None
+    ) -> np.ndarray:
+        """Rows of the given streams, creating the missing ones (all or none) at the initial state.
+
+        `looked_up`: (rows, generation) from an earlier `lookup`, reused if no row was freed since
+        (streams missing then are looked up again: other work may have created them meanwhile).
+        """
+        if looked_up is not None and looked_up[1] == self.generation:
+            rows = looked_up[0]
+            missing = np.flatnonzero(rows < 0)
+            if len(missing):
+                rows[missing] = self.lookup([stream_ids[i] for i in missing.tolist()])
+                missing = missing[rows[missing] < 0]
+        else:
+            rows = self.lookup(stream_ids)
+            missing = np.flatnonzero(rows < 0)
         if len(missing):
             missing_ids = [stream_ids[i] for i in missing.tolist()]
             new_ids = list(dict.fromkeys(missing_ids))
@@ -186,6 +205,8 @@ class StateStore:
     def delete(self, stream_ids: Sequence[str]) -> int:
         """Drop streams and recycle their rows; returns how many existed."""
         gone = [self.rows.pop(stream_id) for stream_id in stream_ids if stream_id in self.rows]
+        if gone:
+            self.generation += 1
         for row in gone:
             self.ids[row] = None
         self._free.extend(gone)
