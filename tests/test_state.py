@@ -5,12 +5,21 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
+import pytest
 
+from cellstream.batcher import StepResult
 from cellstream.config import Settings
 from cellstream.engine import Engine
 from cellstream.model import ModelRepository, StateSpec
 from cellstream.state import StateStore, StreamDirectory
+from reference import reference_sequence
 from support import MODELS
+
+
+def reference_step(h0: np.ndarray) -> np.ndarray:
+    """The GRU's answer to a reading of ones from state h0 (the ONNX GRU sequence operator)."""
+    outputs, _ = reference_sequence(MODELS / "gru", np.ones((1, 8), np.float32), {"h": h0})
+    return np.asarray(outputs[0])
 
 
 def make_store() -> StateStore:
@@ -56,3 +65,65 @@ def test_two_batches_queued_together_with_the_same_new_stream_share_it() -> None
             await engine.stop()
 
     assert asyncio.run(main()) == [[1, 1], [2, 1], [3]]
+
+
+def test_new_streams_of_one_run_are_created_together_and_only_the_ones_that_fail_are_refused() -> None:
+    from cellstream.errors import TooManyStreams  # noqa: PLC0415
+
+    calls: list[list[str]] = []
+    create = StateStore.create
+
+    def picky_create(self: StateStore, stream_ids: list[str]) -> np.ndarray:
+        calls.append(list(stream_ids))
+        if "n1" in stream_ids or "n3" in stream_ids:
+            raise TooManyStreams("no room for n1 or n3")
+        return create(self, stream_ids)
+
+    async def main() -> list[object]:
+        engine = Engine(ModelRepository(MODELS, default_model="gru"), Settings(models=MODELS))
+        engine.start()
+        try:
+            # Queued before the batcher runs: one plan with five new streams, each from its own state.
+            futures = [
+                engine.submit_step(
+                    f"n{k}", "gru", np.ones(8, np.float32), state={"h": ((64,), np.full(64, k, np.float32))}
+                )
+                for k in range(5)
+            ]
+            outcomes = await asyncio.gather(*futures, return_exceptions=True)
+            return [*outcomes, sorted(engine.deployment.current_for("gru").store.rows)]
+        finally:
+            await engine.stop()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(StateStore, "create", picky_create)
+        *outcomes, streams = asyncio.run(main())
+    assert calls[0] == ["n0", "n1", "n2", "n3", "n4"], "the new streams were not created with one call"
+    assert [type(o).__name__ for o in outcomes] == [
+        "StepResult",
+        "TooManyStreams",
+        "StepResult",
+        "TooManyStreams",
+        "StepResult",
+    ]
+    assert streams == ["n0", "n2", "n4"]
+    expected = {k: reference_step(np.full(64, k, np.float32)) for k in (0, 2, 4)}
+    for k in (0, 2, 4):  # each ran from its own given state: positions survived dropping n1 and n3
+        result = outcomes[k]
+        assert isinstance(result, StepResult)
+        np.testing.assert_allclose(result.output, expected[k], atol=1e-5)
+
+
+def test_a_new_stream_in_a_step_and_a_batch_queued_together_is_made_once() -> None:
+    async def main() -> tuple[list[int], list[int], int]:
+        engine = Engine(ModelRepository(MODELS, default_model="gru"), Settings(models=MODELS))
+        engine.start()
+        try:
+            single = engine.submit_step("shared", "gru", np.ones(8, np.float32))
+            batch = engine.step_batch("gru", ["shared", "solo"], np.ones((2, 8), np.float32).tobytes())
+            first, second = await asyncio.gather(single, batch)
+            return [first.step], second.steps.tolist(), len(engine.deployment.current_for("gru").store)
+        finally:
+            await engine.stop()
+
+    assert asyncio.run(main()) == ([1], [2, 1], 2)

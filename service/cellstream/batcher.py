@@ -180,6 +180,17 @@ class Plan:
     piece_steps: list[np.ndarray] = field(default_factory=list)
     pieces: list[tuple[BatchWork, np.ndarray, int]] = field(default_factory=list)  # offset after singles
     piece_size: int = 0
+    new_singles: list[int] = field(default_factory=list)  # indexes into singles of streams to create
+
+    def drop_failed_singles(self) -> None:
+        """Take out the singles whose stream could not be created (row -1), renumbering the rest."""
+        keep = [i for i, row in enumerate(self.single_rows) if row >= 0]
+        renumber = {old: new for new, old in enumerate(keep)}
+        self.singles = [self.singles[i] for i in keep]
+        self.single_rows = [self.single_rows[i] for i in keep]
+        self.single_steps = [self.single_steps[i] for i in keep]
+        self.resets = [renumber[i] for i in self.resets if i in renumber]
+        self.replacements = [(renumber[i], r) for i, r in self.replacements if i in renumber]
 
     @property
     def size(self) -> int:
@@ -393,7 +404,8 @@ class Batcher:
         now = time.perf_counter()
         deadline_now = time.monotonic()
         kept: deque[Work] = deque()
-        waiting: set[str] = set()  # streams whose earlier work waits on another model version
+        waiting: set[str] = set()  # streams whose earlier work is kept back (waits for a later plan)
+        fresh: set[str] = set()  # new streams planned here, created together once the plan is made
         queue = self._queue
         try:
             while queue and budget:
@@ -401,7 +413,9 @@ class Batcher:
                 if isinstance(work, BatchWork):
                     if work.rows is not None and not work.waves:
                         continue  # failed part-way; nothing more of it runs
-                    if waiting and not waiting.isdisjoint(work.stream_ids):
+                    if (waiting and not waiting.isdisjoint(work.stream_ids)) or (
+                        fresh and not fresh.isdisjoint(work.stream_ids)
+                    ):
                         waiting.update(work.stream_ids)
                         kept.append(work)
                         continue
@@ -425,7 +439,7 @@ class Batcher:
                     kept.append(work)
                     continue
                 row = store.row_of(work.stream_id)
-                if row is not None and busy[row]:
+                if busy[row] if row is not None else work.stream_id in fresh:
                     kept.append(work)
                     continue
                 self._queued -= 1
@@ -441,15 +455,42 @@ class Batcher:
                     continue
                 row = self._take_single(work, row, plan, now)
                 if row is not None:
-                    busy = self._fit(busy)
-                    busy[row] = True
+                    if row < 0:
+                        fresh.add(work.stream_id)
+                    else:
+                        busy = self._fit(busy)
+                        busy[row] = True
                     budget -= 1
             self._taking = None
+            if plan.new_singles:
+                self._create_new_streams(plan)
         finally:  # whatever was taken off the queue and not planned goes back, even on an error
             kept.extend(queue)
             self._queue = kept
             store.protected = None
         return plan
+
+    def _create_new_streams(self, plan: Plan) -> None:
+        """Create the plan's new streams with one store call (not one per reading); if they do not
+        all fit (--max-streams), create them one by one and fail the readings of those that don't."""
+        positions = plan.new_singles
+        ids = [plan.singles[i].stream_id for i in positions]
+        try:
+            rows = self.store.create(ids).tolist()
+        except CellStreamError:
+            rows = []
+            for position, stream_id in zip(positions, ids, strict=True):
+                try:
+                    rows.append(int(self.store.create([stream_id])[0]))
+                except CellStreamError as exc:
+                    plan.singles[position].future.set_exception(exc)
+                    self._forget_if_unstarted(stream_id)
+                    rows.append(-1)
+        for position, row in zip(positions, rows, strict=True):
+            plan.single_rows[position] = row
+        plan.new_singles = []
+        if -1 in rows:
+            plan.drop_failed_singles()
 
     def _forget_if_unstarted(self, stream_id: str) -> None:
         """A stream is entered in the directory when its first work is accepted; if that work never
@@ -490,14 +531,10 @@ class Batcher:
                 work.future.set_exception(StaleSequence(work.stream_id, work.seq, step))
                 self._forget_if_unstarted(work.stream_id)
                 return None
-        if row is None:
-            try:
-                row = int(store.create([work.stream_id])[0])
-            except CellStreamError as exc:
-                work.future.set_exception(exc)
-                self._forget_if_unstarted(work.stream_id)
-                return None
         position = len(plan.singles)
+        if row is None:
+            plan.new_singles.append(position)
+            row = -1  # made by _create_new_streams, with the plan's other new streams
         if work.reset:
             plan.resets.append(position)
             step = 0
