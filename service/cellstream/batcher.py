@@ -612,7 +612,7 @@ class Batcher:
         rows_parts, x_parts, step_parts = plan.piece_rows, plan.piece_x, plan.piece_steps
         if plan.singles:
             rows_parts = [np.array(plan.single_rows, np.int64), *rows_parts]
-            x_parts = [np.stack([work.x for work in plan.singles]), *x_parts]
+            x_parts = [np.array([work.x for work in plan.singles]), *x_parts]  # (np.stack: 4x slower)
             step_parts = [np.array(plan.single_steps, np.uint64), *step_parts]
         rows = np.concatenate(rows_parts) if len(rows_parts) > 1 else rows_parts[0]
         x = np.concatenate(x_parts) if len(x_parts) > 1 else x_parts[0]

@@ -228,7 +228,7 @@ class Stepper:
         self._queue = kept
         if not taken:
             return taken, np.empty(0, np.float32)
-        x = np.stack([item.x for item in taken])
+        x = np.array([item.x for item in taken])  # (np.stack: 4x slower for short rows)
         finite = np.isfinite(x).all(axis=1)
         if not finite.all():
             for i in np.flatnonzero(~finite).tolist():
