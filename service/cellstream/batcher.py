@@ -37,6 +37,8 @@ PARALLEL_RUN_MIN = 256
 # Measured on `unary` (64 streams): 0 rounds: 1.1 readings per run; 8: 1.7; 64: ~10 and +30 %
 # steps/s; more rounds gained nothing.
 SETTLE_ROUNDS = 64
+# ... and at most this long, however much work the other callbacks of those iterations do.
+SETTLE_SECONDS = 0.001
 T = TypeVar("T")
 R_contra = TypeVar("R_contra", contravariant=True)
 
@@ -385,15 +387,18 @@ class Batcher:
         one makes runs of ~1 reading and a full plan/run/complete cycle per request. Yielding while
         other callbacks are ready (received requests on their way to submit) gathers them into the
         same run. When the loop is otherwise idle nothing is ready and the plan is made at once, so
-        this adds no delay to a lone request; `settle_rounds` bounds the wait under endless load.
+        this adds no delay to a lone request; under endless load the wait is bounded by
+        `settle_rounds` iterations and SETTLE_SECONDS.
         """
-        ready = getattr(self._loop, "_ready", None)  # asyncio's ready queue (absent under uvloop)
-        if ready is None:
+        loop = self._loop
+        ready = getattr(loop, "_ready", None)  # asyncio's ready queue (absent under uvloop)
+        if loop is None or ready is None or not ready or self._queued >= self.max_batch:
             return
+        until = loop.time() + SETTLE_SECONDS
         for _ in range(self.settle_rounds):
-            if not ready or self._queued >= self.max_batch:
-                return
             await asyncio.sleep(0)
+            if not ready or self._queued >= self.max_batch or loop.time() > until:
+                return
 
     def _assemble(self) -> Plan:
         """Take waiting work in order, skipping any stream already in this run (and all after it)."""
