@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -60,21 +62,31 @@ def test_200_streams_mixed_apis_match_sequential_reference(server: RunningServer
         assert {client.get_state(f"conc-{k}").step for k in range(STREAMS)} == {STEPS}
 
 
-def test_same_stream_never_in_one_batch_and_batches_form() -> None:
-    """In-process: record every plan and every session.run while 50 streams pipeline 20 readings each."""
-    plans: list[np.ndarray] = []
-    run_sizes: list[int] = []
-    execute, run = Batcher._execute, CellModel.run
-
-    def recording_execute(self: Batcher, plan: Plan) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
-        plans.append(np.concatenate([np.array(plan.single_rows, np.int64), *plan.piece_rows]))
-        return execute(self, plan)
+@contextmanager
+def recorded_run_sizes() -> Iterator[list[int]]:
+    """The batch size of every session.run made inside the block."""
+    sizes: list[int] = []
+    run = CellModel.run
 
     def recording_run(
         self: CellModel, x: np.ndarray, states: list[np.ndarray]
     ) -> tuple[np.ndarray, list[np.ndarray]]:
-        run_sizes.append(len(x))
+        sizes.append(len(x))
         return run(self, x, states)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(CellModel, "run", recording_run)
+        yield sizes
+
+
+def test_same_stream_never_in_one_batch_and_batches_form() -> None:
+    """In-process: record every plan and every session.run while 50 streams pipeline 20 readings each."""
+    plans: list[np.ndarray] = []
+    execute = Batcher._execute
+
+    def recording_execute(self: Batcher, plan: Plan) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+        plans.append(np.concatenate([np.array(plan.single_rows, np.int64), *plan.piece_rows]))
+        return execute(self, plan)
 
     async def main() -> None:
         settings = Settings(models=MODELS, max_batch=16, inline_batch=4)
@@ -95,9 +107,8 @@ def test_same_stream_never_in_one_batch_and_batches_form() -> None:
         finally:
             await engine.stop()
 
-    with pytest.MonkeyPatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch, recorded_run_sizes() as run_sizes:
         patch.setattr(Batcher, "_execute", recording_execute)
-        patch.setattr(CellModel, "run", recording_run)
         asyncio.run(main())
     assert plans, "no run happened"
     for rows in plans:
@@ -143,16 +154,8 @@ def test_a_broken_batcher_fails_its_work_instead_of_hanging_and_keeps_serving() 
 def test_requests_that_arrive_together_share_one_run() -> None:
     """gRPC hands a burst of requests to the loop over successive iterations; the batcher lets the
     loop finish them before it plans, so they share one run instead of running one or two each."""
-    run_sizes: list[int] = []
-    run = CellModel.run
 
-    def recording_run(
-        self: CellModel, x: np.ndarray, states: list[np.ndarray]
-    ) -> tuple[np.ndarray, list[np.ndarray]]:
-        run_sizes.append(len(x))
-        return run(self, x, states)
-
-    async def main() -> None:
+    async def main(run_sizes: list[int]) -> None:
         engine = Engine(ModelRepository(MODELS, default_model="gru"), Settings(models=MODELS))
         engine.start()
         loop = asyncio.get_running_loop()
@@ -171,9 +174,8 @@ def test_requests_that_arrive_together_share_one_run() -> None:
         finally:
             await engine.stop()
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(CellModel, "run", recording_run)
-        asyncio.run(main())
+    with recorded_run_sizes() as run_sizes:
+        asyncio.run(main(run_sizes))
     assert run_sizes == [40]
 
 

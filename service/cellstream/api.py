@@ -19,7 +19,7 @@ from google.protobuf.message import Message
 from cellstream import errors, metrics, wire
 from cellstream._proto.cellstream.v1 import cellstream_pb2 as pb
 from cellstream._proto.cellstream.v1 import cellstream_pb2_grpc as pb_grpc
-from cellstream.batcher import Layout, StepResult
+from cellstream.batcher import Layout, Sink, StepResult
 from cellstream.engine import Engine, StreamView, TensorValue
 from cellstream.wire import ReplyEncoder
 
@@ -174,8 +174,9 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
             context.set_trailing_metadata(((STEP_METADATA, str(error.step)),))
         await context.abort(code, str(error))
 
-    def _submit(self, request: pb.StepRequest, deadline: float | None) -> asyncio.Future[StepResult]:
-        return self.engine.submit_step(
+    def _queue(self, sink: Sink[StepResult], request: pb.StepRequest, deadline: float | None) -> None:
+        self.engine.queue_step(
+            sink,
             request.stream_id,
             request.model,
             request.input,
@@ -210,7 +211,9 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
     async def Step(self, request: pb.StepRequest, context: Context) -> pb.StepResponse | bytes:
         started = time.perf_counter()
         try:
-            result = await self._submit(request, _deadline(context))
+            future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
+            self._queue(future, request, _deadline(context))
+            result = await future
         except errors.CellStreamError as exc:
             await self._fail(context, "Step", request.model, exc, started)
             raise  # abort raised already; this keeps type checkers honest
@@ -230,18 +233,7 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
                     slot = _Slot(call, request, time.perf_counter())
                     slots.append(slot)
                     try:
-                        self.engine.queue_step(
-                            slot,
-                            request.stream_id,
-                            request.model,
-                            request.input,
-                            state=tensors_in(request.state) if request.state else None,
-                            reset=request.reset,
-                            end=request.end,
-                            seq=request.seq,
-                            want_state=not request.omit_state,
-                            deadline=deadline,
-                        )
+                        self._queue(slot, request, deadline)
                     except errors.CellStreamError as exc:
                         slot.set_exception(exc)
                     # The window is the flow control: with `stream_window` replies unsent, reading

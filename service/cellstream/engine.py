@@ -15,7 +15,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import TypeVar
+from typing import TypedDict, TypeVar, Unpack
 
 import numpy as np
 
@@ -46,6 +46,17 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 # A state given in a request: its declared shape (may be empty: then it is taken as flat) and values.
 TensorValue = tuple[Sequence[int], np.ndarray]
+
+
+class StepOptions(TypedDict, total=False):
+    """The per-reading options of Step and StepStream (see `Engine.queue_step`)."""
+
+    state: Mapping[str, TensorValue] | None
+    reset: bool
+    end: bool
+    seq: int
+    want_state: bool
+    deadline: float | None
 
 
 @dataclass(frozen=True)
@@ -202,32 +213,11 @@ class Engine:
         return result
 
     def submit_step(
-        self,
-        stream_id: str,
-        model: str,
-        values: Sequence[float] | np.ndarray,
-        *,
-        state: Mapping[str, TensorValue] | None = None,
-        reset: bool = False,
-        end: bool = False,
-        seq: int = 0,
-        want_state: bool = True,
-        deadline: float | None = None,
+        self, stream_id: str, model: str, values: Sequence[float] | np.ndarray, **options: Unpack[StepOptions]
     ) -> asyncio.Future[StepResult]:
         """Validate and queue one reading; the future resolves when it has run."""
         future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
-        self.queue_step(
-            future,
-            stream_id,
-            model,
-            values,
-            state=state,
-            reset=reset,
-            end=end,
-            seq=seq,
-            want_state=want_state,
-            deadline=deadline,
-        )
+        self.queue_step(future, stream_id, model, values, **options)
         return future
 
     def queue_step(
