@@ -39,6 +39,8 @@ PARALLEL_RUN_MIN = 256
 SETTLE_ROUNDS = 64
 # ... and at most this long, however much work the other callbacks of those iterations do.
 SETTLE_SECONDS = 0.001
+# ... and not at all once this many readings wait: their run is amortized already (a StepBatch).
+SETTLE_ENOUGH = 256
 T = TypeVar("T")
 R_contra = TypeVar("R_contra", contravariant=True)
 
@@ -392,12 +394,13 @@ class Batcher:
         """
         loop = self._loop
         ready = getattr(loop, "_ready", None)  # asyncio's ready queue (absent under uvloop)
-        if loop is None or ready is None or not ready or self._queued >= self.max_batch:
+        enough = min(self.max_batch, SETTLE_ENOUGH)
+        if loop is None or ready is None or not ready or self._queued >= enough:
             return
         until = loop.time() + SETTLE_SECONDS
         for _ in range(self.settle_rounds):
             await asyncio.sleep(0)
-            if not ready or self._queued >= self.max_batch or loop.time() > until:
+            if not ready or self._queued >= enough or loop.time() > until:
                 return
 
     def _assemble(self) -> Plan:
