@@ -239,7 +239,6 @@ class Batcher:
         # Plans this small run on the event loop: their compute is shorter than a thread hand-off.
         self.inline_batch = inline_batch
         self.max_queue = max_queue
-        self.settle_rounds = SETTLE_ROUNDS
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: deque[Work] = deque()
         self._queued = 0  # readings waiting, for --max-queue
@@ -390,7 +389,7 @@ class Batcher:
         other callbacks are ready (received requests on their way to submit) gathers them into the
         same run. When the loop is otherwise idle nothing is ready and the plan is made at once, so
         this adds no delay to a lone request; under endless load the wait is bounded by
-        `settle_rounds` iterations and SETTLE_SECONDS.
+        SETTLE_ROUNDS iterations and SETTLE_SECONDS.
         """
         loop = self._loop
         ready = getattr(loop, "_ready", None)  # asyncio's ready queue (absent under uvloop)
@@ -398,7 +397,7 @@ class Batcher:
         if loop is None or ready is None or not ready or self._queued >= enough:
             return
         until = loop.time() + SETTLE_SECONDS
-        for _ in range(self.settle_rounds):
+        for _ in range(SETTLE_ROUNDS):
             await asyncio.sleep(0)
             if not ready or self._queued >= enough or loop.time() > until:
                 return
