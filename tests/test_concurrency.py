@@ -186,3 +186,58 @@ async def _all_done(futures: list[asyncio.Future[object]], n: int) -> None:
     while len(futures) < n:
         await asyncio.sleep(0)
     await asyncio.gather(*futures)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_a_large_plan_split_over_compute_threads_matches_the_reference_and_a_failed_run_writes_nothing(
+    threads: int,
+) -> None:
+    """Each compute thread gathers, runs and scatters its own rows of a StepBatch over --max-batch;
+    every stream still gets exactly its own sequence, and if one run fails no row is written."""
+    from cellstream.errors import ModelFailure  # noqa: PLC0415
+    from reference import numpy_sequence  # noqa: PLC0415
+
+    n, steps = 300, 3
+    ids = [f"split-{i}" for i in range(n)]
+    x = np.random.default_rng(threads).normal(size=(steps + 1, n, 8)).astype(np.float32)
+
+    async def main(run_sizes: list[int]) -> None:
+        settings = Settings(models=MODELS, max_batch=256, compute_threads=threads)
+        engine = Engine(ModelRepository(MODELS, default_model="gru"), settings)
+        engine.start()
+        run_sizes.clear()  # (loading the models made test runs of their own)
+        try:
+            replies = [await engine.step_batch("gru", ids, x[t].tobytes()) for t in range(steps)]
+            assert run_sizes == [n // threads] * threads * steps  # equal runs, one per thread
+            for k in range(0, n, 7):
+                outputs, states = numpy_sequence(MODELS / "gru", x[:steps, k])
+                for t, reply in enumerate(replies):
+                    assert reply.steps[k] == t + 1
+                    np.testing.assert_allclose(reply.outputs[k], outputs[t], atol=1e-5)
+                    assert reply.states is not None
+                    np.testing.assert_allclose(reply.states["h"][k], states[t]["h"], atol=1e-5)
+
+            before = [await engine.get_state(stream_id) for stream_id in ids]
+            calls = len(run_sizes)
+            run = CellModel.run
+
+            def failing_last_run(
+                self: CellModel, xs: np.ndarray, values: list[np.ndarray]
+            ) -> tuple[np.ndarray, list[np.ndarray]]:
+                if len(run_sizes) == calls + threads - 1:  # the plan's last run, after the others ran
+                    raise RuntimeError("injected failure")
+                return run(self, xs, values)  # (records its size)
+
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(CellModel, "run", failing_last_run)
+                with pytest.raises(ModelFailure):
+                    await engine.step_batch("gru", ids, x[steps].tobytes())
+            for old in before:
+                new = await engine.get_state(old.stream_id)
+                assert new.step == old.step == steps
+                np.testing.assert_array_equal(new.state["h"], old.state["h"])
+        finally:
+            await engine.stop()
+
+    with recorded_run_sizes() as sizes:
+        asyncio.run(main(sizes))

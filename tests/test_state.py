@@ -7,11 +7,11 @@ import asyncio
 import numpy as np
 import pytest
 
-from cellstream.batcher import StepResult
+from cellstream.batcher import StepResult, plan_waves
 from cellstream.config import Settings
 from cellstream.engine import Engine
 from cellstream.model import ModelRepository, StateSpec
-from cellstream.state import StateStore, StreamDirectory
+from cellstream.state import BusyRows, StateStore, StreamDirectory
 from reference import reference_sequence
 from support import MODELS
 
@@ -127,3 +127,51 @@ def test_a_new_stream_in_a_step_and_a_batch_queued_together_is_made_once() -> No
             await engine.stop()
 
     assert asyncio.run(main()) == ([1], [2, 1], 2)
+
+
+def test_busy_rows_answer_the_same_as_a_set_or_as_a_mask_and_across_growth() -> None:
+    busy = BusyRows()
+    busy.add(3)
+    busy.add(7)
+    assert 3 in busy and 7 in busy and 4 not in busy and 10**6 not in busy
+    assert busy.of(np.array([7, 1, 3, 10**6])).tolist() == [True, False, True, False]
+    mask = busy.mask(8)  # a StepBatch wave needs the mask: the set's rows carry over
+    assert mask.tolist() == [False, False, False, True, False, False, False, True]
+    mask[5] = True  # waves write into the mask directly
+    busy.add(20)  # a row created past the mask grows it
+    assert 5 in busy and 20 in busy and 19 not in busy and 21 not in busy
+    assert len(busy.mask(4)) == 21  # never shrinks
+    assert busy.of(np.array([20, 5, 6, 99])).tolist() == [True, True, False, False]
+    assert BusyRows().of(np.array([0, 1])).tolist() == [False, False]
+
+
+def test_eviction_never_takes_a_row_planned_into_the_run_being_assembled() -> None:
+    store = make_store()
+    store.evict_lru = True
+    rows = store.create(["a", "b"])
+    store.last_seen[rows] = [1.0, 2.0]  # "a" is the least recently used
+    store.protected = BusyRows()
+    store.protected.add(int(rows[0]))
+    store.directory.max_streams = 2
+    store.create(["c"])
+    assert "a" in store and "b" not in store and "c" in store
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_waves_planned_from_rows_are_the_waves_planned_from_ids(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    names = [f"s{i}" for i in range(40)]
+    row_of = {name: int(row) for name, row in zip(names, rng.permutation(1000)[:40], strict=True)}
+    for size in (1, 5, 40, 200):
+        ids = [names[i] for i in rng.integers(0, 40 if size > 40 or seed % 2 else size, size)]
+        rows = np.array([row_of[i] for i in ids], np.int64)
+        by_rows, by_ids = plan_waves(ids, rows), plan_waves(ids)
+        assert [w.tolist() for w in by_rows] == [w.tolist() for w in by_ids]
+        seen = [i for wave in by_ids for i in wave.tolist()]
+        assert sorted(seen) == list(range(size))  # every reading once
+        for wave in by_ids:  # a stream at most once per wave
+            assert len({ids[i] for i in wave.tolist()}) == len(wave)
+        for name in set(ids):  # and each stream's readings in order, one wave after another
+            positions = [i for i in range(size) if ids[i] == name]
+            where = [next(k for k, wave in enumerate(by_ids) if i in wave) for i in positions]
+            assert where == sorted(where) and len(set(where)) == len(where)

@@ -294,7 +294,8 @@ class Engine:
         store = current.store
         looked_up = store.lookup(stream_ids)
         generation = store.generation
-        if (looked_up < 0).any():  # (when every stream is in this version's store, all is known)
+        known = not (looked_up < 0).any()
+        if not known:  # (when every stream is in this version's store, all is known)
             keys = list(map(self.directory.owner.get, stream_ids))
             # Known streams were checked when they were created: only new ids are looked at.
             new = [i for i, key in enumerate(keys) if key is None]
@@ -330,7 +331,7 @@ class Engine:
                 want_state=want_state,
                 deadline=deadline,
                 looked_up=(looked_up, generation),
-                waves=plan_waves(stream_ids),
+                waves=plan_waves(stream_ids, looked_up if known else None),
             )
         )
         return await future
