@@ -120,18 +120,24 @@ def varints(values: np.ndarray) -> bytes:
     return groups[np.arange(width) < lengths[:, None]].tobytes()
 
 
+def _raw(values: np.ndarray) -> memoryview:
+    """The array's little-endian float32 bytes, without a copy when they are laid out already
+    (a 10,000-stream state is 2.5 MB: join copies it once, straight into the reply)."""
+    return np.ascontiguousarray(values, "<f4").reshape(-1).view(np.uint8).data
+
+
 def batch_reply(outputs: np.ndarray, states: Mapping[str, np.ndarray] | None, steps: np.ndarray) -> bytes:
     """A StepBatchResponse: the arrays' bytes are copied once, into the reply, instead of into a
     message and again when it is serialized."""
-    parts: list[bytes] = []
-    output_bytes = outputs.astype("<f4", copy=False).tobytes()
-    if output_bytes:
-        parts += (_BATCH_OUTPUTS, varint(len(output_bytes)), output_bytes)
+    parts: list[bytes | memoryview] = []
+    output_bytes = _raw(outputs)
+    if output_bytes.nbytes:
+        parts += (_BATCH_OUTPUTS, varint(output_bytes.nbytes), output_bytes)
     for name, value in (states or {}).items():
-        data = value.astype("<f4", copy=False).tobytes()
+        data = _raw(value)
         key = _delimited(_ENTRY_KEY, name.encode())
-        value_head = (_ENTRY_VALUE + varint(len(data))) if data else b""
-        parts += (_BATCH_STATE, varint(len(key) + len(value_head) + len(data)), key, value_head, data)
+        value_head = (_ENTRY_VALUE + varint(data.nbytes)) if data.nbytes else b""
+        parts += (_BATCH_STATE, varint(len(key) + len(value_head) + data.nbytes), key, value_head, data)
     step_bytes = varints(steps)
     if step_bytes:
         parts += (_BATCH_STEPS, varint(len(step_bytes)), step_bytes)
