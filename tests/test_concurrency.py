@@ -241,3 +241,56 @@ def test_a_large_plan_split_over_compute_threads_matches_the_reference_and_a_fai
 
     with recorded_run_sizes() as sizes:
         asyncio.run(main(sizes))
+
+
+async def settled() -> None:
+    """Yield until the event loop has nothing else ready (bounded)."""
+    ready = asyncio.get_running_loop()._ready  # type: ignore[attr-defined]
+    for _ in range(100):
+        await asyncio.sleep(0)
+        if not ready:
+            return
+    raise AssertionError("the loop never became idle")
+
+
+def test_a_lone_reading_on_an_idle_server_runs_at_once_and_a_burst_still_shares_a_run() -> None:
+    """Idle, a reading runs inside its caller's callback (its future is done before it is awaited);
+    the readings that follow in the same callback go to the batcher and share its next run."""
+    from reference import numpy_sequence  # noqa: PLC0415
+
+    x = np.random.default_rng(5).normal(size=(6, 8)).astype(np.float32)
+
+    async def main(run_sizes: list[int]) -> None:
+        engine = Engine(ModelRepository(MODELS, default_model="gru"), Settings(models=MODELS))
+        engine.start()
+        run_sizes.clear()
+        try:
+            await settled()  # the batcher's task has started and parked
+            lone = engine.submit_step("lone", "gru", x[0])
+            assert lone.done() and run_sizes == [1]
+            again = engine.submit_step("lone", "gru", x[1])  # same callback: waits for the task
+            assert not again.done()
+            burst = [engine.submit_step(f"burst-{i}", "gru", x[2 + i]) for i in range(4)]
+            results = [await lone, await again, *[await f for f in burst]]
+            assert run_sizes == [1, 5]
+            outputs, _ = numpy_sequence(MODELS / "gru", x[:2])
+            assert [r.step for r in results] == [1, 2, 1, 1, 1, 1]
+            np.testing.assert_allclose(results[0].output, outputs[0], atol=1e-5)
+            np.testing.assert_allclose(results[1].output, outputs[1], atol=1e-5)
+            for i, result in enumerate(results[2:]):
+                alone, _ = numpy_sequence(MODELS / "gru", x[2 + i : 3 + i])
+                np.testing.assert_allclose(result.output, alone[0], atol=1e-5)
+            await settled()  # the loop idle again: at once
+            later = engine.submit_step("later", "gru", x[0])
+            assert later.done() and (await later).step == 1
+            # Not idle long enough (as between the requests of a steady load): to the task.
+            batcher_module.QUIET_SECONDS = 60.0
+            await settled()
+            recent = engine.submit_step("recent", "gru", x[0])
+            assert not recent.done() and (await recent).step == 1
+        finally:
+            await engine.stop()
+
+    with recorded_run_sizes() as sizes, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(batcher_module, "QUIET_SECONDS", 0.0)  # (the quiet period is tested last)
+        asyncio.run(main(sizes))
