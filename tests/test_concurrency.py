@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -243,14 +244,17 @@ def test_a_large_plan_split_over_compute_threads_matches_the_reference_and_a_fai
         asyncio.run(main(sizes))
 
 
-async def settled() -> None:
-    """Yield until the event loop has nothing else ready (bounded)."""
+async def settled(batcher: Batcher | None = None) -> None:
+    """Yield until the event loop has nothing else ready and, given a batcher, until it has been
+    idle for its quiet period (bounded)."""
     ready = asyncio.get_running_loop()._ready  # type: ignore[attr-defined]
-    for _ in range(100):
-        await asyncio.sleep(0)
-        if not ready:
+    until = time.monotonic() + 5
+    while time.monotonic() < until:
+        await asyncio.sleep(0 if batcher is None else batcher_module.QUIET_SECONDS / 2)
+        quiet = batcher is None or time.perf_counter() - batcher._idle_since > batcher_module.QUIET_SECONDS
+        if not ready and quiet:
             return
-    raise AssertionError("the loop never became idle")
+    raise AssertionError("the loop (or the batcher) never became idle")
 
 
 def test_a_lone_reading_on_an_idle_server_runs_at_once_and_a_burst_still_shares_a_run() -> None:
@@ -265,7 +269,8 @@ def test_a_lone_reading_on_an_idle_server_runs_at_once_and_a_burst_still_shares_
         engine.start()
         run_sizes.clear()
         try:
-            await settled()  # the batcher's task has started and parked
+            batcher = engine.deployment.current_for("gru")
+            await settled(batcher)  # the batcher's task has started, parked and been quiet
             lone = engine.submit_step("lone", "gru", x[0])
             assert lone.done() and run_sizes == [1]
             again = engine.submit_step("lone", "gru", x[1])  # same callback: waits for the task
@@ -280,7 +285,7 @@ def test_a_lone_reading_on_an_idle_server_runs_at_once_and_a_burst_still_shares_
             for i, result in enumerate(results[2:]):
                 alone, _ = numpy_sequence(MODELS / "gru", x[2 + i : 3 + i])
                 np.testing.assert_allclose(result.output, alone[0], atol=1e-5)
-            await settled()  # the loop idle again: at once
+            await settled(batcher)  # idle again for the quiet period: at once
             later = engine.submit_step("later", "gru", x[0])
             assert later.done() and (await later).step == 1
             # Not idle long enough (as between the requests of a steady load): to the task.
@@ -292,5 +297,5 @@ def test_a_lone_reading_on_an_idle_server_runs_at_once_and_a_burst_still_shares_
             await engine.stop()
 
     with recorded_run_sizes() as sizes, pytest.MonkeyPatch.context() as patch:
-        patch.setattr(batcher_module, "QUIET_SECONDS", 0.0)  # (the quiet period is tested last)
+        patch.setattr(batcher_module, "QUIET_SECONDS", 0.005)  # (changed last, in the test)
         asyncio.run(main(sizes))

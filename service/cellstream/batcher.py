@@ -273,7 +273,6 @@ class Batcher:
         self._in_hand = Plan()  # the plan being run, failed as a whole if the batcher itself breaks
         # While set and not done, no work runs (a new version waiting for its streams to arrive).
         self.hold: asyncio.Future[None] | None = None
-        self._ran_now = False  # a lone reading ran in the caller's callback this loop iteration
         self._idle_since = 0.0  # when the task last parked (perf_counter)
         name = model.name
         self._m_queue = metrics.QUEUE_DURATION.labels(model=name)
@@ -354,22 +353,15 @@ class Batcher:
             and not self._between
             and (self.hold is None or self.hold.done())
             and (work.after is None or work.after.done())
-            and not self._ran_now
             and time.perf_counter() - self._idle_since > QUIET_SECONDS
         )
-
-    def _allow_run_now(self) -> None:
-        self._ran_now = False
 
     def _run_now(self) -> None:
         """One plan, synchronously, on an idle batcher (see _can_run_now); its task stays parked.
 
-        Once per loop iteration: more readings submitted by the same callback (a burst) go to the
-        task as usual and share its next run.
+        It counts as activity: readings that follow within QUIET_SECONDS (a burst from the same
+        callback) go to the task as usual and share its next run.
         """
-        assert self._loop is not None
-        self._ran_now = True
-        self._loop.call_soon(self._allow_run_now)
         try:
             plan = self._in_hand = self._assemble()
             self._m_depth.set(self._queued)
@@ -708,7 +700,10 @@ class Batcher:
                 outputs, next_states = self.model.run(x, states)
                 self._m_batch.observe(n)
             else:
-                outputs, next_states = self._run_chunked(x, states)
+                # (resets or replaced states: gathered already, one run at a time)
+                outputs, next_states = self._run_pieces(
+                    x, lambda start, end: [value[start:end] for value in states], parallel=False
+                )
             for slab, value in zip(store.slabs, next_states, strict=True):
                 slab[rows] = value
         steps = (np.concatenate(step_parts) if len(step_parts) > 1 else step_parts[0]) + np.uint64(1)
@@ -729,45 +724,47 @@ class Batcher:
         size = -(-n // runs)
         return [(start, min(start + size, n)) for start in range(0, n, size)]
 
-    def _run_chunked(self, x: np.ndarray, states: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """A plan over max_batch with resets or replaced states (gathered already), one run at a time."""
-        outputs = np.empty((len(x), self.model.output_size), np.float32)
-        next_states = [np.empty_like(value) for value in states]
-        for start, end in self._chunks(len(x)):
-            out, next_part = self.model.run(x[start:end], [value[start:end] for value in states])
-            outputs[start:end] = out
-            for target, value in zip(next_states, next_part, strict=True):
-                target[start:end] = value
-            self._m_batch.observe(end - start)
-        return outputs, next_states
-
-    def _run_parallel(self, rows: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-        """A large plan's runs spread over the compute threads, each gathering its own rows (numpy
-        and onnxruntime release the GIL), then the scatter, also split, once every run succeeded.
-        The rows of one plan are distinct, so the threads never touch the same row."""
-        assert self._compute is not None
-        store, n = self.store, len(rows)
+    def _run_pieces(
+        self, x: np.ndarray, gather: Callable[[int, int], list[np.ndarray]], *, parallel: bool
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """A plan over max_batch as equal runs; `gather(start, end)` gives a run's states. In
+        parallel, each compute thread gathers its own rows (numpy and onnxruntime release the GIL);
+        the rows of one plan are distinct, so the threads never touch the same row."""
+        n = len(x)
         outputs = np.empty((n, self.model.output_size), np.float32)
-        next_states = [np.empty((n, *spec.shape), np.float32) for spec in store.specs]
-        chunks = self._chunks(n)
+        next_states = [np.empty((n, *spec.shape), np.float32) for spec in self.store.specs]
 
         def run(chunk: tuple[int, int]) -> None:
             start, end = chunk
-            part = rows[start:end]
-            states = [np.take(slab, part, axis=0) for slab in store.slabs]
-            out, next_part = self.model.run(x[start:end], states)
+            out, next_part = self.model.run(x[start:end], gather(start, end))
             outputs[start:end] = out
             for target, value in zip(next_states, next_part, strict=True):
                 target[start:end] = value
             self._m_batch.observe(end - start)
 
+        chunks = self._chunks(n)
+        if parallel:
+            assert self._compute is not None
+            list(self._compute.map(run, chunks))
+        else:
+            for chunk in chunks:
+                run(chunk)
+        return outputs, next_states
+
+    def _run_parallel(self, rows: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Gather, run and (once every run succeeded) scatter, each split over the compute threads."""
+        assert self._compute is not None
+        slabs = self.store.slabs
+        outputs, next_states = self._run_pieces(
+            x, lambda start, end: [np.take(slab, rows[start:end], axis=0) for slab in slabs], parallel=True
+        )
+
         def scatter(chunk: tuple[int, int]) -> None:
             start, end = chunk
-            for slab, value in zip(store.slabs, next_states, strict=True):
+            for slab, value in zip(slabs, next_states, strict=True):
                 slab[rows[start:end]] = value[start:end]
 
-        list(self._compute.map(run, chunks))
-        parts = self._compute_threads
+        n, parts = len(rows), self._compute_threads
         list(self._compute.map(scatter, [(n * i // parts, n * (i + 1) // parts) for i in range(parts)]))
         return outputs, next_states
 
