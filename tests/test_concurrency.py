@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from cellstream import batcher as batcher_module
-from cellstream.batcher import Batcher, Plan
+from cellstream.batching.plan import Plan
+from cellstream.batching.policy import BatchPolicy
+from cellstream.batching.runner import Ran, Runner
 from cellstream.client import AsyncClient, step_request
 from cellstream.config import Settings
 from cellstream.engine import Engine
@@ -84,11 +85,11 @@ def recorded_run_sizes() -> Iterator[list[int]]:
 def test_same_stream_never_in_one_batch_and_batches_form() -> None:
     """In-process: record every plan and every session.run while 50 streams pipeline 20 readings each."""
     plans: list[np.ndarray] = []
-    execute = Batcher._execute
+    run = Runner.run
 
-    def recording_execute(self: Batcher, plan: Plan) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+    def recording_run(self: Runner, plan: Plan) -> Ran:
         plans.append(np.concatenate([np.array(plan.single_rows, np.int64), *plan.piece_rows]))
-        return execute(self, plan)
+        return run(self, plan)
 
     async def main() -> None:
         settings = Settings(models=MODELS, max_batch=16, inline_batch=4)
@@ -110,7 +111,7 @@ def test_same_stream_never_in_one_batch_and_batches_form() -> None:
             await engine.stop()
 
     with pytest.MonkeyPatch.context() as patch, recorded_run_sizes() as run_sizes:
-        patch.setattr(Batcher, "_execute", recording_execute)
+        patch.setattr(Runner, "run", recording_run)
         asyncio.run(main())
     assert plans, "no run happened"
     for rows in plans:
@@ -122,7 +123,7 @@ def test_same_stream_never_in_one_batch_and_batches_form() -> None:
 
 def test_a_broken_batcher_fails_its_work_instead_of_hanging_and_keeps_serving() -> None:
     from cellstream.errors import ModelFailure  # noqa: PLC0415
-    from cellstream.state import StateStore  # noqa: PLC0415
+    from cellstream.streams.store import StateStore  # noqa: PLC0415
 
     create = StateStore.create
     calls = {"n": 0}
@@ -158,7 +159,10 @@ def test_requests_that_arrive_together_share_one_run() -> None:
     loop finish them before it plans, so they share one run instead of running one or two each."""
 
     async def main(run_sizes: list[int]) -> None:
-        engine = Engine(ModelRepository(MODELS, default_model="gru"), Settings(models=MODELS))
+        settings = Settings(models=MODELS)
+        # The time bound on settling depends on the machine's speed; this test is about iterations.
+        policy = replace(BatchPolicy.from_settings(settings), settle_seconds=60.0)
+        engine = Engine(ModelRepository(MODELS, default_model="gru"), settings, policy)
         engine.start()
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[object]] = []
@@ -176,9 +180,7 @@ def test_requests_that_arrive_together_share_one_run() -> None:
         finally:
             await engine.stop()
 
-    with recorded_run_sizes() as run_sizes, pytest.MonkeyPatch.context() as patch:
-        # The 1 ms bound on settling depends on the machine's speed; this test is about iterations.
-        patch.setattr(batcher_module, "SETTLE_SECONDS", 60.0)
+    with recorded_run_sizes() as run_sizes:
         asyncio.run(main(run_sizes))
     assert run_sizes == [40]
 
@@ -244,33 +246,48 @@ def test_a_large_plan_split_over_compute_threads_matches_the_reference_and_a_fai
         asyncio.run(main(sizes))
 
 
-async def settled(batcher: Batcher | None = None) -> None:
-    """Yield until the event loop has nothing else ready and, given a batcher, until it has been
-    idle for its quiet period (bounded)."""
-    ready = asyncio.get_running_loop()._ready  # type: ignore[attr-defined]
-    until = time.monotonic() + 5
-    while time.monotonic() < until:
-        await asyncio.sleep(0 if batcher is None else batcher_module.QUIET_SECONDS / 2)
-        quiet = batcher is None or time.perf_counter() - batcher._idle_since > batcher_module.QUIET_SECONDS
-        if not ready and quiet:
+class FakeClock:
+    """The batcher's clock, moved by the test: idle periods without sleeping."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+async def all_parked(engine: Engine) -> None:
+    """Yield until every batcher's task is parked with nothing to do (bounded)."""
+    for _ in range(10_000):
+        await asyncio.sleep(0)
+        if all(batcher.idle for batcher in engine.deployment.batchers.values()):
+            for _ in range(3):  # and whatever their parking scheduled has run
+                await asyncio.sleep(0)
             return
-    raise AssertionError("the loop (or the batcher) never became idle")
+    raise AssertionError("the batchers never became idle")
 
 
 def test_a_lone_reading_on_an_idle_server_runs_at_once_and_a_burst_still_shares_a_run() -> None:
-    """Idle, a reading runs inside its caller's callback (its future is done before it is awaited);
-    the readings that follow in the same callback go to the batcher and share its next run."""
+    """Idle for the quiet period, a reading runs inside its caller's callback (its future is done
+    before it is awaited); readings that follow in the same callback go to the batcher and share
+    its next run; a batcher busy a moment ago hands a reading to its task."""
     from reference import numpy_sequence  # noqa: PLC0415
 
     x = np.random.default_rng(5).normal(size=(6, 8)).astype(np.float32)
+    clock = FakeClock()
 
     async def main(run_sizes: list[int]) -> None:
-        engine = Engine(ModelRepository(MODELS, default_model="gru"), Settings(models=MODELS))
+        settings = Settings(models=MODELS)
+        policy = replace(BatchPolicy.from_settings(settings), quiet_seconds=0.005, clock=clock)
+        engine = Engine(ModelRepository(MODELS, default_model="gru"), settings, policy)
         engine.start()
         run_sizes.clear()
         try:
-            batcher = engine.deployment.current_for("gru")
-            await settled(batcher)  # the batcher's task has started, parked and been quiet
+            await all_parked(engine)
+            clock.advance(1.0)  # idle for longer than the quiet period
             lone = engine.submit_step("lone", "gru", x[0])
             assert lone.done() and run_sizes == [1]
             again = engine.submit_step("lone", "gru", x[1])  # same callback: waits for the task
@@ -285,17 +302,17 @@ def test_a_lone_reading_on_an_idle_server_runs_at_once_and_a_burst_still_shares_
             for i, result in enumerate(results[2:]):
                 alone, _ = numpy_sequence(MODELS / "gru", x[2 + i : 3 + i])
                 np.testing.assert_allclose(result.output, alone[0], atol=1e-5)
-            await settled(batcher)  # idle again for the quiet period: at once
+            await all_parked(engine)
+            clock.advance(1.0)  # idle again for the quiet period: at once
             later = engine.submit_step("later", "gru", x[0])
             assert later.done() and (await later).step == 1
             # Not idle long enough (as between the requests of a steady load): to the task.
-            batcher_module.QUIET_SECONDS = 60.0
-            await settled()
+            await all_parked(engine)
+            clock.advance(0.001)
             recent = engine.submit_step("recent", "gru", x[0])
             assert not recent.done() and (await recent).step == 1
         finally:
             await engine.stop()
 
-    with recorded_run_sizes() as sizes, pytest.MonkeyPatch.context() as patch:
-        patch.setattr(batcher_module, "QUIET_SECONDS", 0.005)  # (changed last, in the test)
+    with recorded_run_sizes() as sizes:
         asyncio.run(main(sizes))

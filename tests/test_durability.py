@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from cellstream.client import Client
-from cellstream.snapshot import SnapshotDir, SnapshotError, decode, encode
+from cellstream.streams.snapshot import SnapshotDir, SnapshotError, decode, encode
 from reference import reference_sequence
 from support import MODELS, RunningServer, start_server, wait_for
 from test_server import sample, scrape
@@ -182,8 +182,8 @@ def test_state_export_import_moves_streams_between_servers(tmp_path: Path) -> No
 
 
 def test_snapshot_format_round_trips_in_memory() -> None:
-    from cellstream.snapshot import ModelSection  # noqa: PLC0415
-    from cellstream.state import StreamRows  # noqa: PLC0415
+    from cellstream.streams.snapshot import ModelSection  # noqa: PLC0415
+    from cellstream.streams.store import StreamRows  # noqa: PLC0415
 
     rows = StreamRows(
         ["a", "b"],

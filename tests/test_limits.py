@@ -158,7 +158,8 @@ def test_engine_does_not_run_work_whose_deadline_passed() -> None:
                 await engine.step_batch(
                     "", ["late-a", "late-b"], np.ones((2, 8), np.float32).tobytes(), deadline=late
                 )
-            assert engine.directory.model_of("late") is None and engine.directory.model_of("late-a") is None
+            directory = engine.deployment.directory
+            assert directory.model_of("late") is None and directory.model_of("late-a") is None
             assert (await engine.submit_step("late", "", X, deadline=time.monotonic() + 30)).step == 1
         finally:
             await engine.stop()

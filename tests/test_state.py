@@ -7,11 +7,14 @@ import asyncio
 import numpy as np
 import pytest
 
-from cellstream.batcher import StepResult, plan_waves
+from cellstream.batching.plan import plan_waves
+from cellstream.batching.work import StepResult
 from cellstream.config import Settings
 from cellstream.engine import Engine
 from cellstream.model import ModelRepository, StateSpec
-from cellstream.state import BusyRows, StateStore, StreamDirectory
+from cellstream.streams.busy import BusyRows
+from cellstream.streams.directory import StreamDirectory
+from cellstream.streams.store import StateStore
 from reference import reference_sequence
 from support import MODELS
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cellstream._proto.cellstream.v1 import cellstream_pb2 as pb
-from cellstream.wire import ReplyEncoder, batch_reply, varint, varints
+from cellstream.protocols.cellstream_v1_wire import ReplyEncoder, batch_reply, varint, varints
 
 LAYOUTS = {
     "gru": (1, [("h", (64,))]),

@@ -1,5 +1,5 @@
 """`python -m cellstream` runs the command line."""
 
-from cellstream.cli import main
+from cellstream.tools.cli import main
 
 raise SystemExit(main())

@@ -59,6 +59,9 @@ class Settings:
     )
     snapshot_interval: float = field(default=30.0, metadata={"help": "seconds between snapshots"})
     snapshot_keep: int = field(default=3, metadata={"help": "snapshot files kept (older ones are fallbacks)"})
+    snapshot_chunk_rows: int = field(
+        default=16_384, metadata={"help": "rows a snapshot copies per pause of a model's traffic"}
+    )
     max_batch_request: int = field(
         default=100_000, metadata={"help": "most readings in one StepBatch request"}
     )

@@ -43,6 +43,15 @@ class StateSpec:
         return math.prod(self.shape)
 
 
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: a cheap cache key per model
+class ReplyLayout:
+    """The shape of a model's replies (answer size, state names and shapes): what a protocol's
+    reply encoder needs, made once per loaded model."""
+
+    output_size: int
+    states: tuple[tuple[str, tuple[int, ...]], ...]
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The optional config.json beside model.onnx; every field may be left out."""
@@ -170,6 +179,7 @@ class CellModel:
         self.states: tuple[StateSpec, ...] = tuple(states)
         self._output_names = [self.output, *(s.output for s in self.states)]
         self.output_size = self._probe(path)
+        self.layout = ReplyLayout(self.output_size, tuple((s.name, s.shape) for s in self.states))
 
     @staticmethod
     def _pair_states(path: Path, config: ModelConfig, inputs: set[str], outputs: set[str]) -> dict[str, str]:

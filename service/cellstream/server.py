@@ -25,11 +25,12 @@ from prometheus_client import start_http_server
 
 from cellstream import metrics
 from cellstream._proto.cellstream.v1 import cellstream_pb2 as pb
-from cellstream.api import CellStreamServicer, add_to_server
 from cellstream.config import Settings
+from cellstream.durability import Durability
 from cellstream.engine import Engine
 from cellstream.model import ModelRepository
-from cellstream.snapshot import SnapshotDir
+from cellstream.protocols.cellstream_v1 import CellStreamServicer, add_to_server
+from cellstream.streams.snapshot import SnapshotDir
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CellStream"].full_name
@@ -54,6 +55,7 @@ class Server:
         self._snapshots: SnapshotDir | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.engine: Engine | None = None
+        self.durability: Durability | None = None
 
     async def start(self) -> None:
         started = time.perf_counter()
@@ -62,6 +64,7 @@ class Server:
             settings.models, default_model=settings.default_model, intra_op_threads=settings.intra_op_threads
         )
         self.engine = Engine(repository, settings)
+        self.durability = Durability(self.engine)
         if settings.state_dir is not None:
             self._snapshots = SnapshotDir(settings.state_dir, settings.snapshot_keep)
             self._restore(self._snapshots)
@@ -72,7 +75,7 @@ class Server:
             ("grpc.so_reuseport", 0),
         ]
         server = grpc.aio.server(options=options)
-        add_to_server(CellStreamServicer(self.engine, settings.stream_window), server)
+        add_to_server(CellStreamServicer(self.engine, self.durability, settings.stream_window), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
@@ -114,13 +117,13 @@ class Server:
             self._write_ready(settings.ready_file)
 
     def _restore(self, snapshots: SnapshotDir) -> None:
-        assert self.engine is not None
+        assert self.durability is not None
         found = snapshots.newest_valid()
         if found is None:
             log.info("no snapshot in %s: starting empty", snapshots.root)
             return
         path, sections = found
-        restored = self.engine.restore(sections)
+        restored = self.durability.restore(sections)
         log.info("restored %d streams from %s", restored, path)
 
     async def _every(self, interval: float, action: Callable[[], Awaitable[object]]) -> None:
@@ -132,17 +135,17 @@ class Server:
                 log.exception("periodic %s failed", getattr(action, "__name__", action))
 
     async def _expire(self) -> None:
-        assert self.engine is not None
-        dropped = await self.engine.expire(self.settings.stream_ttl)
+        assert self.durability is not None
+        dropped = await self.durability.expire(self.settings.stream_ttl)
         if dropped:
             log.info("dropped %d streams idle for more than %.0f s", dropped, self.settings.stream_ttl)
 
     async def snapshot(self) -> None:
         """Copy the streams between runs, then write the file off the event loop."""
-        assert self.engine is not None and self._snapshots is not None
+        assert self.durability is not None and self._snapshots is not None
         started = time.perf_counter()
         try:
-            sections = await self.engine.snapshot()
+            sections = await self.durability.snapshot()
             path, size = await asyncio.to_thread(self._snapshots.write, sections)
         except Exception:
             metrics.SNAPSHOT_FAILURES.inc()
@@ -159,7 +162,7 @@ class Server:
             path.name,
             size,
             elapsed * 1000,
-            self.engine.longest_snapshot_pause * 1000,
+            self.durability.longest_pause * 1000,
         )
 
     def _write_ready(self, path: Path) -> None:

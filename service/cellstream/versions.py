@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cellstream import metrics
-from cellstream.batcher import Batcher, ControlWork
+from cellstream import metrics, validate
+from cellstream.batching.batcher import Batcher
+from cellstream.batching.policy import BatchPolicy
+from cellstream.batching.work import ControlWork
 from cellstream.config import Settings
-from cellstream.errors import ModelLoadError, UnknownModel, WrongModel
+from cellstream.errors import BadInput, ModelLoadError, UnknownModel, WrongModel
 from cellstream.model import CellModel, ModelRepository
-from cellstream.state import ModelKey, StateStore, StreamDirectory
+from cellstream.streams.directory import ModelKey, StreamDirectory
+from cellstream.streams.store import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +38,10 @@ class _Seen:
 class Deployment:
     """Every loaded model version, the current one per name, and the stream directory."""
 
-    def __init__(self, repository: ModelRepository, settings: Settings) -> None:
+    def __init__(self, repository: ModelRepository, settings: Settings, policy: BatchPolicy) -> None:
         self.repository = repository
         self.settings = settings
+        self.policy = policy
         self.directory = StreamDirectory(settings.max_streams)
         self.batchers: dict[ModelKey, Batcher] = {}
         self.current: dict[str, Batcher] = {}
@@ -50,14 +55,7 @@ class Deployment:
         store = StateStore(
             key, model.states, model.output_size, self.directory, evict_lru=self.settings.evict == "lru"
         )
-        batcher = Batcher(
-            model,
-            store,
-            max_batch=self.settings.max_batch,
-            max_queue=self.settings.max_queue,
-            inline_batch=self.settings.inline_batch,
-            compute_threads=self.settings.compute_threads,
-        )
+        batcher = Batcher(model, store, self.policy)
         self.batchers[key] = batcher
         metrics.MODELS_LOADED.labels(model=model.name).set(
             sum(1 for k in self.batchers if k[0] == model.name)
@@ -84,32 +82,76 @@ class Deployment:
             raise UnknownModel(f"model {name!r} is not served here; models: {self.names()}")
         return batcher
 
-    def route(
-        self, stream_id: str, name: str, *, reset: bool = False
-    ) -> tuple[Batcher, asyncio.Future[bool] | None]:
-        """The batcher for a stream's next work, entering a new stream in the directory now.
-
-        Returns a future as well when a reset moves the stream off an old version: the work must
-        wait for it (the stream leaves the old version only after the work queued there).
-        """
+    def holding(self, stream_id: str) -> Batcher | None:
+        """The batcher of the version a stream is bound to (None for a stream not here)."""
         key = self.directory.key_of(stream_id)
-        batcher = self.batchers.get(key) if key is not None else None
-        if batcher is None:
-            current = self.current_for(name)
-            self.directory.claim([stream_id], current.key, over_limit=current.store.evict_lru)
-            return current, None
-        if batcher.model.name != name:
+        return self.batchers.get(key) if key is not None else None
+
+    def batcher_for(self, stream_id: str, name: str, *, reset: bool = False) -> Batcher:
+        """Where a stream's next work of model `name` would go: its own version, or the current
+        one for a new stream (or a reset). Looks only; WrongModel for a stream of another model."""
+        batcher = self.holding(stream_id)
+        if batcher is not None and batcher.model.name != name:
             raise WrongModel(
                 f"stream {stream_id!r} is bound to model {batcher.model.name!r}, not {name!r}: "
                 f"delete it or use another stream id"
             )
-        current = self.current[name]
+        return self.current_for(name) if batcher is None or reset else batcher
+
+    def route(
+        self, stream_id: str, name: str, *, reset: bool = False, readings: int = 1
+    ) -> tuple[Batcher, asyncio.Future[bool] | None]:
+        """The batcher for a stream's next work, admitting a new stream now (after checking that
+        the queue has room for `readings`, so a refused reading admits nothing).
+
+        Returns a future as well when a reset moves the stream off an old version: the work must
+        wait for it (the stream leaves the old version only after the work queued there).
+        """
+        batcher = self.holding(stream_id)
+        if batcher is not None and batcher.model.name != name:
+            self.batcher_for(stream_id, name)  # raises WrongModel
+        current = self.current_for(name)
+        (current if reset or batcher is None else batcher).check_room(readings)
+        if batcher is None:
+            current.store.admit([stream_id])
+            return current, None
         if not reset or batcher is current:
             return batcher, None
         left: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         batcher.submit(ControlWork(stream_id, lambda store, row: store.delete([stream_id]) > 0, left))
-        self.directory.owner[stream_id] = current.key
+        self.directory.move(stream_id, current.key)
         return current, left
+
+    def batch_problems(
+        self, stream_ids: Sequence[str], keys: Sequence[ModelKey | None], current: Batcher
+    ) -> list[tuple[int, BadInput]]:
+        """What stops a StepBatch's streams from running on `current`: the first bad new id, the
+        first stream bound elsewhere (each named by its index). `keys`: directory.keys_of(ids)."""
+        problems = []
+        new = [i for i, key in enumerate(keys) if key is None]
+        bad_id = validate.first_bad_id([stream_ids[i] for i in new], new)  # known ids were checked
+        if bad_id is not None:
+            problems.append(bad_id)
+        elsewhere = set(keys) - {None, current.key}  # (a set in C; the loop only names the index)
+        if elsewhere & set(self.batchers):
+            for i, key in enumerate(keys):
+                if key is not None and key != current.key and key in self.batchers:
+                    where = "model" if key[0] != current.model.name else "an older version of model"
+                    message = (
+                        f"stream_ids[{i}]: stream {stream_ids[i]!r} is on {where} {key[0]!r} "
+                        f"(version {key[1]}); send it on its own or reset it"
+                    )
+                    problems.append((i, BadInput(message)))
+                    break
+        return problems
+
+    def admit_batch(
+        self, stream_ids: Sequence[str], keys: Sequence[ModelKey | None], current: Batcher
+    ) -> None:
+        """Admit a checked StepBatch's streams that are not yet bound to `current`, all or none."""
+        fresh = [stream_id for stream_id, key in zip(stream_ids, keys, strict=True) if key != current.key]
+        if fresh:
+            current.store.admit(list(dict.fromkeys(fresh)))
 
     async def reload(self) -> None:
         """Load each model's new highest version found on disk; a broken one leaves the old serving."""
@@ -161,14 +203,13 @@ class Deployment:
         # has, copy its streams over, then release: each stream's readings stay in order.
         new.hold = asyncio.get_running_loop().create_future()
         self.current[model.name] = new
-        self.directory.successor[old.key] = new.key
-        moved = self.directory.rebind(old.key, new.key)
+        moved = self.directory.begin_migration(old.key, new.key)
         try:
             await old.wait_idle()
             rows = await old.between_runs(lambda store: store.copy_rows(0, store.high_water))
             new.store.restore(rows)
         finally:
-            self.directory.successor.pop(old.key, None)
+            self.directory.end_migration(old.key)
             new.hold.set_result(None)
         log.info(
             "model %s version %s now serves; %d streams moved from version %s",

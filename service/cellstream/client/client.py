@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cellstream._proto.cellstream.v1 import cellstream_pb2 as pb
 from cellstream._proto.cellstream.v1 import cellstream_pb2_grpc as pb_grpc
+from cellstream.protocols.cellstream_v1_wire import STEP_METADATA
 
 ArrayLike = Sequence[float] | np.ndarray
 MAX_MESSAGE = 64 * 1024 * 1024
@@ -59,7 +60,6 @@ class StreamState:
 
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
-STEP_METADATA = "cellstream-step"
 # What a resuming client retries: with `seq` every reading is idempotent, so any failure that may
 # come from the transport (a server killed mid-call shows up as UNAVAILABLE, INTERNAL or UNKNOWN
 # depending on timing) is safe to send again.

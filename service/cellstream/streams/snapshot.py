@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cellstream.state import StreamRows
+from cellstream.streams.store import StreamRows
 
 log = logging.getLogger(__name__)
 

@@ -14,126 +14,11 @@ from itertools import repeat
 import numpy as np
 
 from cellstream import metrics
-from cellstream.errors import TooManyStreams, WrongModel
 from cellstream.model import StateSpec
+from cellstream.streams.busy import BusyRows
+from cellstream.streams.directory import ModelKey, StreamDirectory
 
 INITIAL_CAPACITY = 1024
-
-
-ModelKey = tuple[str, str]  # (model name, version): one StateStore and one batcher each
-
-
-class StreamDirectory:
-    """Which model version each stream is bound to, server-wide, and the --max-streams limit.
-
-    A stream is entered when its first work is accepted (before its row exists), so that every
-    later reading of it is routed to the same model version, in order, even across a reload.
-    Values are shared key tuples, so an entry costs one dict slot.
-    """
-
-    def __init__(self, max_streams: int = 0) -> None:
-        self.owner: dict[str, ModelKey] = {}
-        self.max_streams = max_streams
-        # While streams migrate from an old version to a new one, entries already point at the
-        # new one; the old version may still create or end streams its queued work names.
-        self.successor: dict[ModelKey, ModelKey] = {}
-
-    def __len__(self) -> int:
-        return len(self.owner)
-
-    def key_of(self, stream_id: str) -> ModelKey | None:
-        return self.owner.get(stream_id)
-
-    def model_of(self, stream_id: str) -> str | None:
-        key = self.owner.get(stream_id)
-        return None if key is None else key[0]
-
-    def excess(self, adding: int = 0) -> int:
-        """How many streams are (or would be, after `adding`) over --max-streams."""
-        return max(0, len(self.owner) + adding - self.max_streams) if self.max_streams else 0
-
-    def _refuse(self) -> TooManyStreams:
-        return TooManyStreams(
-            f"the server holds {len(self.owner)} streams and --max-streams is {self.max_streams}: "
-            f"delete or end idle streams, raise the limit, or run with --evict lru"
-        )
-
-    def claim(self, stream_ids: Sequence[str], key: ModelKey, *, over_limit: bool = False) -> None:
-        """Bind streams to a model version, all or none; `over_limit` defers the limit to eviction."""
-        owner = self.owner
-        new = [stream_id for stream_id in stream_ids if stream_id not in owner]
-        if len(new) < len(stream_ids):
-            accepted = (key, self.successor.get(key))
-            for stream_id in stream_ids:
-                bound = owner.get(stream_id)
-                if bound is not None and bound not in accepted:
-                    raise WrongModel(f"stream {stream_id!r} is bound to model {bound[0]!r}, not {key[0]!r}")
-        if new and not over_limit and self.excess(len(new)):
-            raise self._refuse()
-        owner.update(zip(new, repeat(key)))
-
-    def release(self, stream_ids: Sequence[str], key: ModelKey) -> None:
-        """Unbind streams, but only those still bound to `key` (a reset may have moved one)."""
-        owner = self.owner
-        accepted = (key, self.successor.get(key))
-        for stream_id in stream_ids:
-            if owner.get(stream_id, ()) in accepted:
-                del owner[stream_id]
-
-    def rebind(self, old: ModelKey, new: ModelKey) -> int:
-        """Move every stream of one model version to another (stream migration on reload)."""
-        moved = [stream_id for stream_id, key in self.owner.items() if key == old]
-        self.owner.update(zip(moved, repeat(new)))
-        return len(moved)
-
-
-class BusyRows:
-    """The rows planned into the run being assembled (eviction and expiry must leave them alone).
-
-    A set while only single readings are planned, so planning a run costs nothing per idle
-    stream (a mask over the whole store is a 1 MB memset per run at a million streams); a
-    boolean mask over the rows once a StepBatch wave needs vectorized checks.
-    """
-
-    __slots__ = ("_mask", "_rows")
-
-    def __init__(self) -> None:
-        self._rows: set[int] = set()
-        self._mask: np.ndarray | None = None
-
-    def __contains__(self, row: int) -> bool:
-        if self._mask is None:
-            return row in self._rows
-        return row < len(self._mask) and bool(self._mask[row])
-
-    def add(self, row: int) -> None:
-        if self._mask is None:
-            self._rows.add(row)
-        else:
-            self.mask(row + 1)[row] = True
-
-    def mask(self, capacity: int) -> np.ndarray:
-        """The rows as a mask of at least `capacity` entries (made or grown on first need)."""
-        mask = self._mask
-        if mask is None or len(mask) < capacity:
-            grown = np.zeros(max(capacity, 0 if mask is None else len(mask)), bool)
-            if mask is not None:
-                grown[: len(mask)] = mask
-            elif self._rows:
-                grown[np.fromiter(self._rows, np.int64, len(self._rows))] = True
-            self._mask = mask = grown
-        return mask
-
-    def of(self, rows: np.ndarray) -> np.ndarray:
-        """Which of these rows are busy, one bool each."""
-        if self._mask is None:
-            if not self._rows:
-                return np.zeros(len(rows), bool)
-            return np.isin(rows, np.fromiter(self._rows, np.int64, len(self._rows)))
-        result = np.zeros(len(rows), bool)
-        inside = rows < len(self._mask)
-        result[inside] = self._mask[rows[inside]]
-        return result
 
 
 class StateStore:
@@ -223,7 +108,7 @@ class StateStore:
             excess = self.directory.excess(unbound)
             if excess:
                 self._evict_least_recent(excess)
-        self.directory.claim(stream_ids, self.key)
+        self.directory.admit(stream_ids, self.key)
         n = len(stream_ids)
         reuse = min(n, len(self._free))
         rows = np.empty(n, np.int64)
@@ -261,9 +146,20 @@ class StateStore:
         self._free.extend(gone)
         self.replayable[gone] = False
         self.alive[gone] = False
-        self.directory.release(stream_ids, self.key)
+        self.directory.withdraw(stream_ids, self.key)
         self._gauge.set(len(self.rows))
         return len(gone)
+
+    def admit(self, stream_ids: Sequence[str]) -> None:
+        """Bind new streams to this version when their first work is accepted, before their rows
+        exist (raises when they cannot be taken); with --evict lru the limit is applied at creation."""
+        self.directory.admit(stream_ids, self.key, defer_limit=self.evict_lru)
+
+    def forget_unstarted(self, stream_ids: Sequence[str]) -> None:
+        """Withdraw the admissions of streams whose work was refused before it created them, so a
+        refused request leaves nothing behind."""
+        rows = self.rows
+        self.directory.withdraw([stream_id for stream_id in stream_ids if stream_id not in rows], self.key)
 
     def read(self, row: int) -> list[np.ndarray]:
         return [slab[row].copy() for slab in self.slabs]

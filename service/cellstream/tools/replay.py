@@ -70,7 +70,7 @@ class Plan:
 
 def register(commands: Any) -> None:
     """Add `replay` and `demo` to the top-level sub-commands (argparse's sub-parsers object)."""
-    from cellstream import demo_data  # noqa: PLC0415
+    from cellstream.tools import demo_data  # noqa: PLC0415
 
     parser = commands.add_parser(
         "replay",

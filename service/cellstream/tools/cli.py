@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--timeout", type=float, default=300.0)
     load.set_defaults(func=_state_import)
 
-    from cellstream import check, replay  # noqa: PLC0415 - both import their heavy deps lazily
+    from cellstream.tools import check, replay  # noqa: PLC0415 - both import their heavy deps lazily
 
     check.register(model_commands)
     replay.register(commands)

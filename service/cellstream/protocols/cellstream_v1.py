@@ -1,6 +1,7 @@
-"""The CellStream gRPC servicer: protobuf <-> domain values, domain errors <-> status codes.
+"""The cellstream.v1.CellStream servicer: protobuf <-> plain values, errors <-> status codes.
 
-Nothing else happens here; every decision is the engine's.
+Nothing else happens here; every decision is the engine's. Step, StepStream and StepBatch replies
+leave as bytes written by cellstream_v1_wire.
 """
 
 from __future__ import annotations
@@ -16,29 +17,28 @@ import grpc
 import numpy as np
 from google.protobuf.message import Message
 
-from cellstream import errors, metrics, wire
+from cellstream import errors
 from cellstream._proto.cellstream.v1 import cellstream_pb2 as pb
 from cellstream._proto.cellstream.v1 import cellstream_pb2_grpc as pb_grpc
-from cellstream.batcher import Layout, Sink, StepResult
-from cellstream.engine import Engine, StreamView, TensorValue
-from cellstream.wire import ReplyEncoder
+from cellstream.durability import Durability
+from cellstream.engine import Engine, Sink, StepResult, StreamView, TensorValue
+from cellstream.protocols.cellstream_v1_wire import STEP_METADATA, StepReplies, batch_reply
+from cellstream.protocols.status import Context, RequestMetrics, code_of, deadline_of, rpc
 
-Context = grpc.aio.ServicerContext[Any, Any]
-STEP_METADATA = "cellstream-step"
 EXPORT_CHUNK = 1 << 20  # bytes per SnapshotChunk message
 
-CODES: dict[type[errors.CellStreamError], grpc.StatusCode] = {
-    errors.BadInput: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.UnknownModel: grpc.StatusCode.NOT_FOUND,
-    errors.UnknownStream: grpc.StatusCode.NOT_FOUND,
-    errors.WrongModel: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.StaleSequence: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.TooManyStreams: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.Draining: grpc.StatusCode.UNAVAILABLE,
-    errors.DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
-    errors.ModelFailure: grpc.StatusCode.INTERNAL,
-}
+
+def _request_model(request: Any) -> str:
+    return str(request.model)
+
+
+def _reply_model(reply: Any) -> str:
+    return str(reply.model)
+
+
+def _step_trailing(error: errors.CellStreamError) -> tuple[tuple[str, str], ...]:
+    """A stale seq says the stream's step machine-readably too, for clients that resume."""
+    return ((STEP_METADATA, str(error.step)),) if isinstance(error, errors.StaleSequence) else ()
 
 
 class _StreamCall:
@@ -110,10 +110,6 @@ class _Slot:
         self.call.wake()
 
 
-def code_of(error: errors.CellStreamError) -> grpc.StatusCode:
-    return CODES.get(type(error), grpc.StatusCode.UNKNOWN)
-
-
 def tensors_in(state: Mapping[str, pb.Tensor]) -> dict[str, TensorValue]:
     return {name: (list(t.shape), np.asarray(t.data, np.float32)) for name, t in state.items()}
 
@@ -128,58 +124,23 @@ def stream_state(view: StreamView) -> pb.StreamState:
     )
 
 
-def _deadline(context: Context) -> float | None:
-    remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining
-
-
 class CellStreamServicer(pb_grpc.CellStreamServicer):
     """Translates each RPC into one engine call."""
 
-    def __init__(self, engine: Engine, stream_window: int = 1024) -> None:
+    def __init__(self, engine: Engine, durability: Durability, stream_window: int = 1024) -> None:
         self.engine = engine
+        self.durability = durability
         self.stream_window = stream_window
-        self._default = engine.repository.default or ""
-        # labels() costs a few µs per call: keep each (method, model, code) child once looked up.
-        self._histograms: dict[tuple[str, str, grpc.StatusCode], Any] = {}
-        self._encoders: dict[Layout, ReplyEncoder] = {}
-
-    def _label(self, model: str) -> str:
-        """Metric labels only ever carry served model names (never arbitrary client strings)."""
-        name = model or self._default
-        return name if name in self.engine.deployment.current else "unknown"
-
-    def _observe(self, method: str, model: str, code: grpc.StatusCode, started: float) -> None:
-        elapsed = time.perf_counter() - started
-        histogram = self._histograms.get((method, model, code))
-        if histogram is None:
-            label = self._label(model)
-            histogram = metrics.REQUEST_DURATION.labels(method=method, model=label, code=code.name)
-            if label != "unknown":  # never cache per arbitrary client string
-                self._histograms[(method, model, code)] = histogram
-        histogram.observe(elapsed)
-
-    async def _fail(
-        self,
-        context: Context,
-        method: str,
-        model: str,
-        error: errors.CellStreamError,
-        started: float,
-    ) -> None:
-        code = code_of(error)
-        self._observe(method, model, code, started)
-        if isinstance(error, errors.StaleSequence):
-            # Machine-readable form of "the stream is at step N", for clients that resume.
-            context.set_trailing_metadata(((STEP_METADATA, str(error.step)),))
-        await context.abort(code, str(error))
+        self.request_metrics = RequestMetrics(engine)
+        self._replies = StepReplies()
 
     def _queue(self, sink: Sink[StepResult], request: pb.StepRequest, deadline: float | None) -> None:
+        values = request.input
         self.engine.queue_step(
             sink,
             request.stream_id,
             request.model,
-            request.input,
+            np.fromiter(values, np.float32, len(values)),  # (reads a repeated field faster than asarray)
             state=tensors_in(request.state) if request.state else None,
             reset=request.reset,
             end=request.end,
@@ -188,43 +149,18 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
             deadline=deadline,
         )
 
-    def _reply(self, request: pb.StepRequest, result: StepResult) -> bytes:
-        """The StepResponse, already serialized (see wire.py): a slice of the run's bytes per field."""
-        run = result.run
-        encoder = self._encoders.get(run.layout)
-        if encoder is None:
-            encoder = self._encoders[run.layout] = ReplyEncoder(run.layout.output_size, run.layout.states)
-        outputs, states = run.as_bytes()
-        i = result.index
-        size = encoder.output_bytes
-        return encoder.encode(
-            result.stream_id,
-            outputs[i * size : (i + 1) * size],
-            [data[i * n : (i + 1) * n] for data, n in zip(states, encoder.state_bytes, strict=True)]
-            if result.want_state
-            else None,
-            result.step,
-            request_id=request.request_id,
-            replayed=result.replayed,
-        )
-
-    async def Step(self, request: pb.StepRequest, context: Context) -> pb.StepResponse | bytes:
-        started = time.perf_counter()
-        try:
-            future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
-            self._queue(future, request, _deadline(context))
-            result = await future
-        except errors.CellStreamError as exc:
-            await self._fail(context, "Step", request.model, exc, started)
-            raise  # abort raised already; this keeps type checkers honest
-        self._observe("Step", request.model, grpc.StatusCode.OK, started)
-        return self._reply(request, result)
+    @rpc("Step", model=_request_model, trailing=_step_trailing)
+    async def Step(self, request: pb.StepRequest, context: Context) -> bytes:
+        future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
+        self._queue(future, request, deadline_of(context))
+        return self._replies.encode(await future, request.request_id)
 
     async def StepStream(
         self, request_iterator: AsyncIterator[pb.StepRequest], context: Context
     ) -> AsyncIterator[pb.StepResponse | bytes]:
+        """Errors go in-band, one reply per request, so this call is timed per message, not as a whole."""
         call = _StreamCall(asyncio.get_running_loop(), self.stream_window)
-        deadline = _deadline(context)
+        deadline = deadline_of(context)
         slots = call.slots
 
         async def read() -> None:
@@ -268,96 +204,62 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
             if not isinstance(slot.error, errors.CellStreamError):
                 raise slot.error
             code = code_of(slot.error)
-            self._observe("StepStream", request.model, code, slot.started)
+            self.request_metrics.observe("StepStream", request.model, code, slot.started)
             return pb.StepResponse(
                 stream_id=request.stream_id,
                 request_id=request.request_id,
                 error=pb.Error(code=code.value[0], message=str(slot.error)),
             )
         assert slot.result is not None
-        self._observe("StepStream", request.model, grpc.StatusCode.OK, slot.started)
-        return self._reply(request, slot.result)
+        self.request_metrics.observe("StepStream", request.model, grpc.StatusCode.OK, slot.started)
+        return self._replies.encode(slot.result, request.request_id)
 
+    @rpc("StepBatch", model=_request_model)
     async def StepBatch(self, request: pb.StepBatchRequest, context: Context) -> bytes:
-        started = time.perf_counter()
-        try:
-            result = await self.engine.step_batch(
-                request.model,
-                request.stream_ids,
-                request.inputs,
-                want_state=not request.omit_state,
-                deadline=_deadline(context),
-            )
-        except errors.CellStreamError as exc:
-            await self._fail(context, "StepBatch", request.model, exc, started)
-            raise
-        reply = wire.batch_reply(result.outputs, result.states, result.steps)
-        self._observe("StepBatch", request.model, grpc.StatusCode.OK, started)
-        return reply
+        result = await self.engine.step_batch(
+            request.model,
+            request.stream_ids,
+            request.inputs,
+            want_state=not request.omit_state,
+            deadline=deadline_of(context),
+        )
+        return batch_reply(result.outputs, result.states, result.steps)
 
+    @rpc("GetState", reply_model=_reply_model)
     async def GetState(self, request: pb.GetStateRequest, context: Context) -> pb.StreamState:
-        started = time.perf_counter()
-        try:
-            view = await self.engine.get_state(request.stream_id)
-        except errors.CellStreamError as exc:
-            await self._fail(context, "GetState", "", exc, started)
-            raise
-        self._observe("GetState", view.model, grpc.StatusCode.OK, started)
-        return stream_state(view)
+        return stream_state(await self.engine.get_state(request.stream_id))
 
+    @rpc("SetState", model=_request_model, reply_model=_reply_model)
     async def SetState(self, request: pb.SetStateRequest, context: Context) -> pb.StreamState:
-        started = time.perf_counter()
-        try:
-            view = await self.engine.set_state(
-                request.stream_id, request.model, tensors_in(request.state), request.step
-            )
-        except errors.CellStreamError as exc:
-            await self._fail(context, "SetState", request.model, exc, started)
-            raise
-        self._observe("SetState", view.model, grpc.StatusCode.OK, started)
+        view = await self.engine.set_state(
+            request.stream_id, request.model, tensors_in(request.state), request.step
+        )
         return stream_state(view)
 
+    @rpc("DeleteStream")
     async def DeleteStream(
         self, request: pb.DeleteStreamRequest, context: Context
     ) -> pb.DeleteStreamResponse:
-        started = time.perf_counter()
-        try:
-            existed = await self.engine.delete(request.stream_id)
-        except errors.CellStreamError as exc:
-            await self._fail(context, "DeleteStream", "", exc, started)
-            raise
-        self._observe("DeleteStream", "", grpc.StatusCode.OK, started)
-        return pb.DeleteStreamResponse(existed=existed)
+        return pb.DeleteStreamResponse(existed=await self.engine.delete(request.stream_id))
 
+    @rpc("ExportStates")
     async def ExportStates(
         self, request: pb.ExportStatesRequest, context: Context
     ) -> AsyncIterator[pb.SnapshotChunk]:
-        started = time.perf_counter()
-        try:
-            chunks = await self.engine.export_file(list(request.models))
-        except errors.CellStreamError as exc:
-            await self._fail(context, "ExportStates", "", exc, started)
-            raise
-        for chunk in chunks:
+        for chunk in await self.durability.export_file(list(request.models)):
             for offset in range(0, len(chunk), EXPORT_CHUNK):
                 yield pb.SnapshotChunk(data=chunk[offset : offset + EXPORT_CHUNK])
-        self._observe("ExportStates", "", grpc.StatusCode.OK, started)
 
+    @rpc("ImportStates")
     async def ImportStates(
         self, request_iterator: AsyncIterator[pb.SnapshotChunk], context: Context
     ) -> pb.ImportStatesResponse:
-        started = time.perf_counter()
         data = b"".join([chunk.data async for chunk in request_iterator])
-        try:
-            restored, dropped = await self.engine.import_file(data)
-        except errors.CellStreamError as exc:
-            await self._fail(context, "ImportStates", "", exc, started)
-            raise
-        self._observe("ImportStates", "", grpc.StatusCode.OK, started)
+        restored, dropped = await self.durability.import_file(data)
         return pb.ImportStatesResponse(restored=restored, dropped=dropped)
 
+    @rpc("ListModels")
     async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
-        started = time.perf_counter()
         models = [
             pb.ModelInfo(
                 name=view.model.name,
@@ -372,12 +274,11 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
             )
             for view in self.engine.list_models()
         ]
-        self._observe("ListModels", "", grpc.StatusCode.OK, started)
         return pb.ListModelsResponse(models=models)
 
 
 def _serialize_reply(reply: Message | bytes) -> bytes:
-    """Step, StepStream and StepBatch replies come pre-encoded (see wire.py); error replies as messages."""
+    """Step, StepStream and StepBatch replies come pre-encoded; error replies as messages."""
     return reply if reply.__class__ is bytes else reply.SerializeToString()  # type: ignore[union-attr]
 
 

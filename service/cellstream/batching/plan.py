@@ -1,0 +1,180 @@
+"""The ordering rule and what one run applies. Pure: no event loop, no model, no store writes.
+
+The rule: a stream is in a run at most once, and no work of a stream overtakes earlier work of
+that stream; streams never wait for each other.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+
+from cellstream.batching.work import BatchProgress, StepWork
+from cellstream.streams.busy import BusyRows
+
+
+class Ordering:
+    """The rule applied to the queue of one plan, in queue order.
+
+    `busy`: rows already in this plan; new streams (no row yet) are tracked by id. A stream whose
+    work is kept back holds all its later work back too.
+    """
+
+    __slots__ = ("busy", "fresh", "waiting")
+
+    def __init__(self, busy: BusyRows | None = None) -> None:
+        self.busy = BusyRows() if busy is None else busy
+        self.waiting: set[str] = set()  # streams with earlier work kept for a later plan
+        self.fresh: set[str] = set()  # new streams planned here (created once the plan is made)
+
+    def admits(self, stream_id: str, row: int | None) -> bool:
+        """Whether the next work of this stream may join the plan now."""
+        if stream_id in self.waiting:
+            return False
+        return stream_id not in self.fresh if row is None else row not in self.busy
+
+    def admits_batch(self, stream_ids: Iterable[str]) -> bool:
+        """Whether a StepBatch may add a wave: none of its streams has earlier work kept back or
+        a new stream in this plan (the rows of its other streams are checked wave by wave)."""
+        if not self.waiting and not self.fresh:
+            return True
+        ids = set(stream_ids)
+        return self.waiting.isdisjoint(ids) and self.fresh.isdisjoint(ids)
+
+    def keep(self, stream_id: str) -> None:
+        """This stream's work waits for a later plan, and so does all of its later work."""
+        self.waiting.add(stream_id)
+
+    def keep_all(self, stream_ids: Iterable[str]) -> None:
+        self.waiting.update(stream_ids)
+
+    def take(self, stream_id: str, row: int | None) -> None:
+        if row is None:
+            self.fresh.add(stream_id)
+        else:
+            self.busy.add(row)
+
+
+class Seq(Enum):
+    """What a reading's `seq` asks for, given its stream's step."""
+
+    RUN = "run"  # unchecked (0) or the next step
+    REPLAY = "replay"  # the last step again: answer its reply, apply nothing
+    STALE = "stale"  # anything else: refuse, naming the stream's step
+
+
+def check_seq(seq: int, step: int, *, reset: bool, replayable: bool) -> Seq:
+    """`replayable`: the stream exists and its last reply is kept (no state was set since)."""
+    if not seq:
+        return Seq.RUN
+    if seq == step and replayable:
+        return Seq.REPLAY
+    return Seq.RUN if seq == (1 if reset else step + 1) else Seq.STALE
+
+
+def plan_waves(stream_ids: list[str], rows: np.ndarray | None = None) -> deque[np.ndarray]:
+    """Split positions so each wave holds a stream at most once, keeping every stream's order.
+
+    `rows`: the streams' rows when all are known; distinct streams have distinct rows, so a mask
+    over them tells a batch without repeats faster than hashing the ids into a set.
+    """
+    n = len(stream_ids)
+    if rows is not None and n and int(rows.min()) >= 0:
+        marked = np.zeros(int(rows.max()) + 1, bool)
+        marked[rows] = True
+        if np.count_nonzero(marked) == n:
+            return deque([np.arange(n)])
+    elif len(set(stream_ids)) == n:
+        return deque([np.arange(n)])
+    seen: dict[str, int] = {}
+    occurrence = np.empty(n, np.int64)
+    for i, stream_id in enumerate(stream_ids):
+        occurrence[i] = seen[stream_id] = seen.get(stream_id, -1) + 1
+    order = np.argsort(occurrence, kind="stable")
+    bounds = np.cumsum(np.bincount(occurrence))[:-1]
+    return deque(np.split(order, bounds))
+
+
+def take_wave(progress: BatchProgress, busy: np.ndarray, budget: int) -> np.ndarray:
+    """The free part (up to `budget`) of a StepBatch's current wave; what is left of the wave stays
+    first. Marks in `busy` the rows taken and every row of the batch still to run (they hold their
+    streams against later work)."""
+    rows = progress.rows
+    wave = progress.waves[0]
+    free = ~busy[rows[wave]]
+    if free.all():
+        take, rest = wave[:budget], wave[budget:]
+    else:  # order within a wave does not matter: each stream is in it once
+        free_part = wave[free]
+        take, rest = free_part[:budget], np.concatenate([wave[~free], free_part[budget:]])
+    if len(take):
+        if len(rest):
+            progress.waves[0] = rest
+        else:
+            progress.waves.popleft()
+        progress.waiting -= len(take)
+    for pending in progress.waves:
+        busy[rows[pending]] = True
+    busy[rows[take]] = True
+    return take
+
+
+@dataclass
+class Plan:
+    """What one trip to the worker applies: single readings first, then StepBatch pieces.
+
+    Built with plain lists (one append per reading) and turned into arrays once, in the worker.
+    `consumed` counts the readings it took off the queue, planned or answered without a run.
+    """
+
+    singles: list[StepWork] = field(default_factory=list)
+    single_rows: list[int] = field(default_factory=list)
+    single_steps: list[int] = field(default_factory=list)
+    resets: list[int] = field(default_factory=list)  # indexes into singles
+    replacements: list[tuple[int, list[np.ndarray | None]]] = field(default_factory=list)
+    piece_rows: list[np.ndarray] = field(default_factory=list)
+    piece_x: list[np.ndarray] = field(default_factory=list)
+    piece_steps: list[np.ndarray] = field(default_factory=list)
+    pieces: list[tuple[BatchProgress, np.ndarray, int]] = field(default_factory=list)  # offset after singles
+    piece_size: int = 0
+    new_singles: list[int] = field(default_factory=list)  # indexes into singles of streams to create
+    consumed: int = 0
+
+    @property
+    def size(self) -> int:
+        return len(self.singles) + self.piece_size
+
+    def add_single(self, work: StepWork, row: int | None, step: int) -> None:
+        position = len(self.singles)
+        if row is None:
+            self.new_singles.append(position)
+        if work.reset:
+            self.resets.append(position)
+            step = 0
+        if work.replace is not None:
+            self.replacements.append((position, work.replace))
+        self.singles.append(work)
+        self.single_rows.append(-1 if row is None else row)
+        self.single_steps.append(step)
+
+    def add_piece(self, progress: BatchProgress, take: np.ndarray, steps: np.ndarray) -> None:
+        rows = progress.rows[take]
+        self.piece_rows.append(rows)
+        self.piece_x.append(progress.work.x[take])
+        self.piece_steps.append(steps)
+        self.pieces.append((progress, take, self.piece_size))
+        self.piece_size += len(take)
+
+    def drop_failed_singles(self) -> None:
+        """Take out the singles whose stream could not be created (row -1), renumbering the rest."""
+        keep = [i for i, row in enumerate(self.single_rows) if row >= 0]
+        renumber = {old: new for new, old in enumerate(keep)}
+        self.singles = [self.singles[i] for i in keep]
+        self.single_rows = [self.single_rows[i] for i in keep]
+        self.single_steps = [self.single_steps[i] for i in keep]
+        self.resets = [renumber[i] for i in self.resets if i in renumber]
+        self.replacements = [(renumber[i], r) for i, r in self.replacements if i in renumber]

@@ -1,0 +1,121 @@
+"""Domain errors as gRPC status codes, and the one wrapper that times, counts and fails every
+handler the same way."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol, TypeVar
+
+import grpc
+
+from cellstream import errors, metrics
+from cellstream.engine import Engine
+
+Context = grpc.aio.ServicerContext[Any, Any]
+Req = TypeVar("Req")
+Rep = TypeVar("Rep")
+
+CODES: dict[type[errors.CellStreamError], grpc.StatusCode] = {
+    errors.BadInput: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.UnknownModel: grpc.StatusCode.NOT_FOUND,
+    errors.UnknownStream: grpc.StatusCode.NOT_FOUND,
+    errors.WrongModel: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.StaleSequence: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.TooManyStreams: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Draining: grpc.StatusCode.UNAVAILABLE,
+    errors.DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.ModelFailure: grpc.StatusCode.INTERNAL,
+}
+
+
+def code_of(error: errors.CellStreamError) -> grpc.StatusCode:
+    return CODES.get(type(error), grpc.StatusCode.UNKNOWN)
+
+
+def deadline_of(context: Context) -> float | None:
+    """The call's deadline as a time.monotonic() value, as the engine takes it."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+class RequestMetrics:
+    """cellstream_request_duration_seconds, with the labels' children cached per served model
+    (labels() costs a few µs a call); client strings that name no served model are 'unknown'."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._children: dict[tuple[str, str, grpc.StatusCode], Any] = {}
+
+    def observe(self, method: str, model: str, code: grpc.StatusCode, started: float) -> None:
+        elapsed = time.perf_counter() - started
+        child = self._children.get((method, model, code))
+        if child is None:
+            name = model or self._engine.default_model or ""
+            label = name if self._engine.serves(name) else "unknown"
+            child = metrics.REQUEST_DURATION.labels(method=method, model=label, code=code.name)
+            if label != "unknown":  # never cache per arbitrary client string
+                self._children[(method, model, code)] = child
+        child.observe(elapsed)
+
+
+class Servicer(Protocol):
+    request_metrics: RequestMetrics
+
+
+async def abort(
+    context: Context, error: errors.CellStreamError, trailing: Callable[[errors.CellStreamError], Any]
+) -> None:
+    metadata = trailing(error)
+    if metadata:
+        context.set_trailing_metadata(metadata)
+    await context.abort(code_of(error), str(error))
+
+
+def rpc(
+    method: str,
+    *,
+    model: Callable[[Any], str] = lambda request: "",
+    reply_model: Callable[[Any], str] | None = None,
+    trailing: Callable[[errors.CellStreamError], Any] = lambda error: (),
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Wrap a handler (a coroutine, or an async generator for a streamed reply): time it, label it
+    by `model(request)` (`reply_model(reply)` on success, where the reply knows better), and turn a
+    domain error into its status code, with `trailing(error)` as trailing metadata."""
+
+    def wrap(handler: Callable[..., Any]) -> Callable[..., Any]:
+        if inspect.isasyncgenfunction(handler):
+
+            @functools.wraps(handler)
+            async def streamed(self: Servicer, request: Any, context: Context) -> AsyncIterator[Any]:
+                started = time.perf_counter()
+                try:
+                    async for reply in handler(self, request, context):
+                        yield reply
+                except errors.CellStreamError as exc:
+                    self.request_metrics.observe(method, model(request), code_of(exc), started)
+                    await abort(context, exc, trailing)
+                    raise
+                self.request_metrics.observe(method, model(request), grpc.StatusCode.OK, started)
+
+            return streamed
+
+        @functools.wraps(handler)
+        async def unary(self: Servicer, request: Any, context: Context) -> Any:
+            started = time.perf_counter()
+            try:
+                reply = await handler(self, request, context)
+            except errors.CellStreamError as exc:
+                self.request_metrics.observe(method, model(request), code_of(exc), started)
+                await abort(context, exc, trailing)
+                raise  # abort raised already; this keeps type checkers honest
+            label = model(request) if reply_model is None else reply_model(reply)
+            self.request_metrics.observe(method, label, grpc.StatusCode.OK, started)
+            return reply
+
+        return unary
+
+    return wrap

@@ -1,0 +1,87 @@
+"""Which model version each stream is bound to, server-wide, and the --max-streams limit.
+
+A stream is admitted when its first work is accepted (before its row exists), so that every later
+reading of it is routed to the same model version, in order, even across a reload; it is withdrawn
+when its row is deleted, or when the work that admitted it is refused before creating it. The map
+is private: these verbs are the only way to change it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import repeat
+
+from cellstream.errors import TooManyStreams, WrongModel
+
+ModelKey = tuple[str, str]  # (model name, version): one StateStore and one batcher each
+
+
+class StreamDirectory:
+    """stream id -> model version. Values are shared key tuples, so an entry costs one dict slot."""
+
+    def __init__(self, max_streams: int = 0) -> None:
+        self._owner: dict[str, ModelKey] = {}
+        self.max_streams = max_streams
+        # While streams migrate from an old version to a new one, entries already point at the
+        # new one; the old version may still create or end streams its queued work names.
+        self._successor: dict[ModelKey, ModelKey] = {}
+
+    def __len__(self) -> int:
+        return len(self._owner)
+
+    def key_of(self, stream_id: str) -> ModelKey | None:
+        return self._owner.get(stream_id)
+
+    def keys_of(self, stream_ids: Sequence[str]) -> list[ModelKey | None]:
+        return list(map(self._owner.get, stream_ids))
+
+    def model_of(self, stream_id: str) -> str | None:
+        key = self._owner.get(stream_id)
+        return None if key is None else key[0]
+
+    def excess(self, adding: int = 0) -> int:
+        """How many streams are (or would be, after `adding`) over --max-streams."""
+        return max(0, len(self._owner) + adding - self.max_streams) if self.max_streams else 0
+
+    def _accepted(self, key: ModelKey) -> tuple[ModelKey, ModelKey | None]:
+        return key, self._successor.get(key)
+
+    def admit(self, stream_ids: Sequence[str], key: ModelKey, *, defer_limit: bool = False) -> None:
+        """Bind streams to a model version, all or none; `defer_limit` leaves the limit to eviction."""
+        owner = self._owner
+        new = [stream_id for stream_id in stream_ids if stream_id not in owner]
+        if len(new) < len(stream_ids):
+            accepted = self._accepted(key)
+            for stream_id in stream_ids:
+                bound = owner.get(stream_id)
+                if bound is not None and bound not in accepted:
+                    raise WrongModel(f"stream {stream_id!r} is bound to model {bound[0]!r}, not {key[0]!r}")
+        if new and not defer_limit and self.excess(len(new)):
+            raise TooManyStreams(
+                f"the server holds {len(owner)} streams and --max-streams is {self.max_streams}: "
+                f"delete or end idle streams, raise the limit, or run with --evict lru"
+            )
+        owner.update(zip(new, repeat(key)))
+
+    def withdraw(self, stream_ids: Sequence[str], key: ModelKey) -> None:
+        """Unbind streams, but only those still bound to `key` (a reset may have moved one)."""
+        owner = self._owner
+        accepted = self._accepted(key)
+        for stream_id in stream_ids:
+            if owner.get(stream_id, ()) in accepted:
+                del owner[stream_id]
+
+    def move(self, stream_id: str, key: ModelKey) -> None:
+        """Bind an existing stream to another version of its model (a reset onto the current one)."""
+        self._owner[stream_id] = key
+
+    def begin_migration(self, old: ModelKey, new: ModelKey) -> int:
+        """Move every stream of one version to another; until `end_migration`, the old version may
+        still create or end the streams its queued work names. Returns how many moved."""
+        self._successor[old] = new
+        moved = [stream_id for stream_id, key in self._owner.items() if key == old]
+        self._owner.update(zip(moved, repeat(new)))
+        return len(moved)
+
+    def end_migration(self, old: ModelKey) -> None:
+        self._successor.pop(old, None)

@@ -1,0 +1,1 @@
+"""Command-line tools: the `cellstream` command, models check, replay, PyTorch export, demo data."""
