@@ -144,19 +144,19 @@ class Assembler:
 
     def _begin_batch(self, work: BatchWork, plan: Plan, deadline_now: float) -> BatchProgress | None:
         """First sight of a StepBatch: resolve (create) its streams, or refuse it whole."""
-        error: CellStreamError | None = None
-        if work.deadline is not None and deadline_now > work.deadline:
-            self._m_deadline.inc()
-            error = DeadlineExpired("the deadline passed while the batch waited")
-        elif not work.future.done():
-            try:
-                work.progress = BatchProgress(work, self.store.rows_for(work.stream_ids, work.looked_up))
-                work.looked_up = None
-                return work.progress
-            except CellStreamError as exc:
-                error = exc
-        if error is not None and not work.future.done():
-            work.future.set_exception(error)
+        if not work.future.done():
+            if work.deadline is not None and deadline_now > work.deadline:
+                self._m_deadline.inc()
+                work.future.set_exception(DeadlineExpired("the deadline passed while the batch waited"))
+            else:
+                try:
+                    rows = self.store.rows_for(work.stream_ids, work.looked_up)
+                except CellStreamError as exc:
+                    work.future.set_exception(exc)
+                else:
+                    work.looked_up = None
+                    work.progress = BatchProgress(work, rows)
+                    return work.progress
         plan.consumed += work.readings
         self.store.forget_unstarted(work.stream_ids)
         return None

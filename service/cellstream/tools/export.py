@@ -10,6 +10,8 @@ either ``batch_first``), an ``nn.GRUCell`` / ``nn.LSTMCell`` / ``nn.RNNCell``, o
 with ``forward(x, *states) -> (y, *new_states)`` into ``model.onnx`` plus ``config.json``, then
 runs the ONNX file with onnxruntime step by step and compares it with PyTorch. A model that
 does not reproduce PyTorch is never left behind: :class:`ExportCheckError` is raised instead.
+The wrapping of the module into one step lives in :mod:`cellstream.tools.torch_step`, the
+ONNX-vs-PyTorch check in :mod:`cellstream.tools.export_check`.
 
 torch, onnx and onnxruntime are imported inside the functions, so ``import cellstream.export``
 works (and costs little) on a server that has no torch.
@@ -20,7 +22,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import re
 import shutil
 import tempfile
 import warnings
@@ -32,6 +33,18 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from cellstream.tools.export_check import ExportCheckError, onnx_check, torch_reference
+from cellstream.tools.torch_step import (
+    SEQUENCE_KINDS,
+    USER_KIND,
+    StepPlan,
+    check_names,
+    example_inputs,
+    plan_step,
+    probe,
+    step_wrapper,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -54,27 +67,9 @@ CONFIG_FILENAME = "config.json"
 DEFAULT_OPSET = 17
 
 _TORCH_HINT = "cellstream.export needs PyTorch and onnx: pip install 'cellstream[torch]'"
-_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:/-]*$")
-_SEQUENCE_KINDS = ("GRU", "LSTM", "RNN")
-_CELL_KINDS = ("GRUCell", "LSTMCell", "RNNCell")
-_USER = "module"
 
 #: A scalar fill, or a nested list / array of the per-stream state shape.
 InitialState = float | Sequence[Any] | np.ndarray
-
-
-class ExportCheckError(RuntimeError):
-    """The exported ONNX model does not reproduce the PyTorch module.
-
-    Raised, never warned, because serving such a model would give wrong answers quietly. No
-    file is left at the target path. ``where`` names the worst output (or the missing tensor)
-    and ``max_abs_error`` says how far off it was (``inf`` for a malformed graph).
-    """
-
-    def __init__(self, message: str, *, max_abs_error: float, where: str) -> None:
-        super().__init__(message)
-        self.max_abs_error = max_abs_error
-        self.where = where
 
 
 @dataclass(frozen=True)
@@ -106,38 +101,6 @@ class ExportReport:
     opset: int = DEFAULT_OPSET
     exporter: str = "torchscript"
     """``torch.onnx.export(..., dynamo=False)``: needs onnx but not onnxscript."""
-
-
-@dataclass
-class _Plan:
-    """What the wrapper, the exporter and the self-check must agree on."""
-
-    kind: str
-    input_size: int
-    state_shapes: dict[str, tuple[int, ...]]
-    reading: str = "x"
-    output: str = "y"
-    batch_first: bool = False
-
-    @property
-    def state_names(self) -> list[str]:
-        return list(self.state_shapes)
-
-    @property
-    def states_map(self) -> dict[str, str]:
-        return {n: f"{n}_out" for n in self.state_shapes}
-
-    @property
-    def input_names(self) -> list[str]:
-        return [self.reading, *self.state_names]
-
-    @property
-    def output_names(self) -> list[str]:
-        return [self.output, *self.states_map.values()]
-
-
-# --------------------------------------------------------------------------------------------
-# public entry point
 
 
 def export_torch(
@@ -201,9 +164,9 @@ def export_torch(
     if max_batch is not None and max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
 
-    plan = _plan(th, module, input_size, state_shapes, head)
+    plan = plan_step(th, module, input_size, state_shapes, head)
     plan.reading, plan.output = reading_name, output_name
-    _check_names(plan)
+    check_names(plan)
     init, init_config = _initial_states(plan, initial_state)
     _check_float32_cpu(th, module, head)
     model_path, config_path = _resolve_paths(path)
@@ -221,16 +184,16 @@ def export_torch(
     config["description"] = description if description is not None else _describe(plan, module, head)
 
     with _eval_mode(module, head), th.no_grad():
-        step = _step_wrapper(plan, module, head)
+        step = step_wrapper(plan, module, head)
         # Trace with one batch size and check with another, so a batch size baked into the
         # graph by accident fails here rather than in production.
         trace_batch = 2 if check_batch != 2 else 4
-        example = _example_inputs(th, plan, trace_batch, seed)
-        output_shape = _probe(plan, step, example)
+        example = example_inputs(th, plan, trace_batch, seed)
+        output_shape = probe(plan, step, example)
 
         xs = np.random.default_rng(seed).standard_normal((check_steps, check_batch, plan.input_size))
         xs = xs.astype(np.float32)
-        ref = _torch_reference(th, plan=plan, module=module, head=head, step=step, xs=xs, init=init)
+        ref = torch_reference(th, plan=plan, module=module, head=head, step=step, xs=xs, init=init)
 
         created = not model_path.parent.exists()
         model_path.parent.mkdir(parents=True, exist_ok=True)
@@ -238,7 +201,7 @@ def export_torch(
             with tempfile.TemporaryDirectory(dir=model_path.parent, prefix=".cellstream-export-") as tmp:
                 tmp_model, tmp_config = Path(tmp) / MODEL_FILENAME, Path(tmp) / CONFIG_FILENAME
                 _torch_onnx_export(th, step=step, example=example, target=tmp_model, plan=plan, opset=opset)
-                errors = _onnx_check(tmp_model, plan, xs, init, ref)
+                errors = onnx_check(tmp_model, plan, xs, init, ref)
                 where = max(errors, key=lambda k: errors[k])
                 worst = errors[where]
                 if worst > tolerance:
@@ -279,10 +242,6 @@ def export_torch(
     )
 
 
-# --------------------------------------------------------------------------------------------
-# imports and argument checks
-
-
 def _import_torch() -> ModuleType:
     """Import torch (and check onnx) only when exporting, with an install hint if missing."""
     try:
@@ -293,82 +252,8 @@ def _import_torch() -> ModuleType:
     return th
 
 
-def _kind(th: ModuleType, module: nn.Module) -> str:
-    """Which built-in this is; a subclass counts only if it keeps the built-in forward()."""
-    for name in (*_SEQUENCE_KINDS, *_CELL_KINDS):
-        cls = getattr(th.nn, name)
-        if isinstance(module, cls) and type(module).forward is cls.forward:
-            return name
-    return _USER
-
-
-def _plan(
-    th: ModuleType,
-    module: nn.Module,
-    input_size: int | None,
-    state_shapes: Mapping[str, Sequence[int]] | None,
-    head: nn.Module | None,
-) -> _Plan:
-    """Work out the state layout, rejecting what a one-step cell cannot express."""
-    kind = _kind(th, module)
-    if kind == _USER:
-        if state_shapes is None:
-            raise ValueError(
-                f"{type(module).__name__} is not a built-in recurrent module: pass "
-                "state_shapes={name: per_stream_shape, ...} in the order forward(x, *states) takes them"
-            )
-        if not state_shapes:
-            raise ValueError("state_shapes is empty: a cellstream model carries at least one state")
-        if input_size is None:
-            raise ValueError("a user module needs input_size (the reading's feature count F)")
-        if head is not None:
-            raise ValueError("head is for built-in recurrent modules; apply it inside your forward()")
-        shapes = {str(k): tuple(int(d) for d in v) for k, v in state_shapes.items()}
-        if any(d < 1 for s in shapes.values() for d in s):
-            raise ValueError(f"state shapes must have positive dimensions, got {shapes}")
-        return _Plan(kind, int(input_size), shapes)
-
-    if state_shapes is not None:
-        raise ValueError(f"state_shapes comes from the {kind} itself; pass it only for a user module")
-    own_input = int(getattr(module, "input_size"))  # noqa: B009  (attributes of nn.Module type as Tensor)
-    hidden = int(getattr(module, "hidden_size"))  # noqa: B009
-    if input_size is not None and int(input_size) != own_input:
-        raise ValueError(f"input_size={input_size} but the {kind} has input_size={own_input}")
-    names = ["h", "c"] if kind.startswith("LSTM") else ["h"]
-    if kind in _CELL_KINDS:
-        return _Plan(kind, own_input, dict.fromkeys(names, (hidden,)))
-    if bool(getattr(module, "bidirectional", False)):
-        raise ValueError(
-            f"bidirectional {kind} cannot be exported as a one-step cell: its backward direction "
-            "reads the stream from the end, which a live stream does not have yet"
-        )
-    if int(getattr(module, "proj_size", 0)) > 0:
-        raise ValueError(
-            "LSTM with proj_size > 0 is not supported: PyTorch's ONNX exporter cannot export "
-            "LSTM projections (the ONNX LSTM operator has none)"
-        )
-    layers = int(getattr(module, "num_layers"))  # noqa: B009
-    return _Plan(
-        kind,
-        own_input,
-        dict.fromkeys(names, (layers, hidden)),
-        batch_first=bool(getattr(module, "batch_first", False)),
-    )
-
-
-def _check_names(plan: _Plan) -> None:
-    names = [*plan.input_names, *plan.output_names]
-    bad = [n for n in names if not _NAME_RE.match(n)]
-    if bad:
-        raise ValueError(f"invalid tensor names {bad}")
-    if len(set(names)) != len(names):
-        raise ValueError(
-            f"tensor names must be distinct, got inputs {plan.input_names}, outputs {plan.output_names}"
-        )
-
-
 def _initial_states(
-    plan: _Plan, initial_state: float | Mapping[str, InitialState] | None
+    plan: StepPlan, initial_state: float | Mapping[str, InitialState] | None
 ) -> tuple[dict[str, np.ndarray], dict[str, float | list[Any]]]:
     """Resolve ``initial_state`` to a per-stream float32 array per state, and its config form.
 
@@ -438,105 +323,17 @@ def _eval_mode(*modules: nn.Module | None) -> Iterator[None]:
             m.train(was_training)
 
 
-def _describe(plan: _Plan, module: nn.Module, head: nn.Module | None) -> str:
-    if plan.kind == _USER:
+def _describe(plan: StepPlan, module: nn.Module, head: nn.Module | None) -> str:
+    if plan.kind == USER_KIND:
         what = type(module).__name__
     else:
         what = f"{plan.kind}(input_size={plan.input_size}, hidden_size={getattr(module, 'hidden_size', '?')}"
-        if plan.kind in _SEQUENCE_KINDS:
+        if plan.kind in SEQUENCE_KINDS:
             what += f", num_layers={getattr(module, 'num_layers', '?')}"
         what += ")"
     if head is not None:
         what += f" + {type(head).__name__} head"
     return f"{what}, one step per reading; exported by cellstream.export"
-
-
-# --------------------------------------------------------------------------------------------
-# the one-step wrapper and the export
-
-
-def _step_wrapper(plan: _Plan, module: nn.Module, head: nn.Module | None) -> nn.Module:
-    """Build ``forward(x, *states) -> (y, *new_states)`` over batch-first states.
-
-    nn.GRU/LSTM/RNN keep state as ``[num_layers, B, H]``; cellstream keeps it batch first
-    (``[B, num_layers, H]``) so that one stream's state is one row the server can gather and
-    scatter. The wrapper transposes in and out and feeds a length-1 sequence, so the exported
-    graph speaks the server's layout whatever ``batch_first`` says.
-    """
-    from torch import nn as tnn  # noqa: PLC0415  (lazy on purpose: see the module docstring)
-
-    kind, batch_first = plan.kind, plan.batch_first
-
-    class Step(tnn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.inner = module
-            self.head = head
-
-        def answer(self, h: torch.Tensor) -> torch.Tensor:
-            return self.head(h) if self.head is not None else h
-
-        def forward(self, x: torch.Tensor, *states: torch.Tensor) -> Any:
-            if kind == _USER:
-                out = self.inner(x, *states)
-                return tuple(out) if isinstance(out, tuple | list) else out
-            if kind in _SEQUENCE_KINDS:
-                seq = x.unsqueeze(1) if batch_first else x.unsqueeze(0)
-                layered = [s.transpose(0, 1).contiguous() for s in states]
-                if kind == "LSTM":
-                    top, (h_n, c_n) = self.inner(seq, (layered[0], layered[1]))
-                    new: tuple[torch.Tensor, ...] = (h_n.transpose(0, 1), c_n.transpose(0, 1))
-                else:
-                    top, h_n = self.inner(seq, layered[0])
-                    new = (h_n.transpose(0, 1),)
-                return (self.answer(top[:, 0] if batch_first else top[0]), *new)
-            if kind == "LSTMCell":
-                h, c = self.inner(x, (states[0], states[1]))
-                return (self.answer(h), h, c)
-            h = self.inner(x, states[0])  # GRUCell / RNNCell
-            return (self.answer(h), h)
-
-    step: nn.Module = Step()
-    return step.eval()
-
-
-def _example_inputs(th: ModuleType, plan: _Plan, batch: int, seed: int) -> tuple[torch.Tensor, ...]:
-    gen = th.Generator().manual_seed(seed + 1)
-    x = th.randn(batch, plan.input_size, generator=gen)
-    states = [th.randn(batch, *shape, generator=gen) * 0.1 for shape in plan.state_shapes.values()]
-    return (x, *states)
-
-
-def _probe(plan: _Plan, step: nn.Module, example: tuple[torch.Tensor, ...]) -> tuple[int, ...]:
-    """Run one eager step, to give clear errors before the tracer gives obscure ones."""
-    batch = int(example[0].shape[0])
-    try:
-        out = step(*example)
-    except TypeError as exc:
-        if plan.kind != _USER:
-            raise
-        raise ValueError(
-            f"calling forward(x, {', '.join(plan.state_names)}) failed: {exc}; "
-            "state_shapes must list every state forward() takes, in order"
-        ) from exc
-    if not isinstance(out, tuple) or len(out) != 1 + len(plan.state_names):
-        got = f"{len(out)} values" if isinstance(out, tuple) else type(out).__name__
-        raise ValueError(
-            f"forward(x, *states) must return (y, {', '.join(plan.state_names)}): "
-            f"{1 + len(plan.state_names)} tensors, got {got}"
-        )
-    for name, t in zip(plan.output_names, out, strict=True):
-        if not hasattr(t, "dim") or t.dim() < 1 or t.shape[0] != batch:
-            raise ValueError(
-                f"{name}: expected a tensor with batch axis 0 of size {batch}, got {getattr(t, 'shape', t)!r}"
-            )
-    for name, t in zip(plan.state_names, out[1:], strict=True):
-        if tuple(t.shape[1:]) != plan.state_shapes[name]:
-            raise ValueError(
-                f"new state {name!r} has per-stream shape {tuple(t.shape[1:])}; "
-                f"its input has {plan.state_shapes[name]}"
-            )
-    return tuple(int(d) for d in out[0].shape[1:])
 
 
 def _torch_onnx_export(
@@ -545,7 +342,7 @@ def _torch_onnx_export(
     step: nn.Module,
     example: tuple[torch.Tensor, ...],
     target: Path,
-    plan: _Plan,
+    plan: StepPlan,
     opset: int,
 ) -> None:
     """Export with the TorchScript exporter: it needs onnx, not the heavier onnxscript."""
@@ -566,119 +363,3 @@ def _torch_onnx_export(
             dynamo=False,
             do_constant_folding=True,
         )
-
-
-# --------------------------------------------------------------------------------------------
-# the self-check
-
-
-@dataclass
-class _Reference:
-    ys: list[np.ndarray]
-    """The answer at each step."""
-    states: dict[str, np.ndarray]
-    """Per state: ``[T, B, ...]`` when ``per_step``, else the final ``[B, ...]``."""
-    per_step: bool
-
-
-def _torch_reference(
-    th: ModuleType,
-    *,
-    plan: _Plan,
-    module: nn.Module,
-    head: nn.Module | None,
-    step: nn.Module,
-    xs: np.ndarray,
-    init: dict[str, np.ndarray],
-) -> _Reference:
-    """Run PyTorch over the whole check sequence.
-
-    nn.GRU/LSTM/RNN run their OWN sequence forward over all steps at once, in their own layout
-    (not through the wrapper), so the check also covers the wrapper's layout conversions; the
-    sequence forward yields only the final states. Cells and user modules have no sequence
-    forward, so they are stepped eagerly and every step's states are compared.
-    """
-    steps, batch = xs.shape[0], xs.shape[1]
-    states0 = [th.from_numpy(np.broadcast_to(a, (batch, *a.shape)).copy()) for a in init.values()]
-    if plan.kind in _SEQUENCE_KINDS:
-        seq = th.from_numpy(xs)  # [T, B, F]
-        if plan.batch_first:
-            seq = seq.transpose(0, 1)
-        layered = [s.transpose(0, 1).contiguous() for s in states0]
-        if plan.kind == "LSTM":
-            out, (h_n, c_n) = module(seq, (layered[0], layered[1]))
-            final = {"h": h_n, "c": c_n}
-        else:
-            out, h_n = module(seq, layered[0])
-            final = {"h": h_n}
-        if plan.batch_first:
-            out = out.transpose(0, 1)  # back to [T, B, H]
-        ys = [(head(out[t]) if head is not None else out[t]).numpy().copy() for t in range(steps)]
-        return _Reference(ys, {k: v.transpose(0, 1).numpy().copy() for k, v in final.items()}, per_step=False)
-
-    ys = []
-    per_step: dict[str, list[np.ndarray]] = {n: [] for n in plan.state_names}
-    current = states0
-    for t in range(steps):
-        y, *current = step(th.from_numpy(xs[t]), *current)
-        ys.append(y.numpy().copy())
-        for name, s in zip(plan.state_names, current, strict=True):
-            per_step[name].append(s.numpy().copy())
-    return _Reference(ys, {n: np.stack(v) for n, v in per_step.items()}, per_step=True)
-
-
-def _onnx_check(
-    model: Path, plan: _Plan, xs: np.ndarray, init: dict[str, np.ndarray], ref: _Reference
-) -> dict[str, float]:
-    """Step the ONNX model with onnxruntime, as the server will, feeding new states back in."""
-    ort = importlib.import_module("onnxruntime")
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(model), sess_options=opts, providers=["CPUExecutionProvider"])
-    _check_graph_io(sess, plan)
-    batch = xs.shape[1]
-    states = {n: np.broadcast_to(a, (batch, *a.shape)).astype(np.float32) for n, a in init.items()}
-    errors = dict.fromkeys(plan.output_names, 0.0)
-    for t in range(xs.shape[0]):
-        y, *new = sess.run(plan.output_names, {plan.reading: xs[t], **states})
-        errors[plan.output] = max(errors[plan.output], _max_err(y, ref.ys[t]))
-        states = dict(zip(plan.state_names, new, strict=True))
-        if ref.per_step:
-            for name, out_name in plan.states_map.items():
-                errors[out_name] = max(errors[out_name], _max_err(states[name], ref.states[name][t]))
-    if not ref.per_step:
-        for name, out_name in plan.states_map.items():
-            errors[out_name] = _max_err(states[name], ref.states[name])
-    return errors
-
-
-def _max_err(a: np.ndarray, b: np.ndarray) -> float:
-    """Largest |a - b|; inf for a shape mismatch or any NaN/inf, so those always fail the check."""
-    if a.shape != b.shape:
-        return float("inf")
-    if a.size == 0:
-        return 0.0
-    diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
-    return float(np.max(diff)) if np.all(np.isfinite(diff)) else float("inf")
-
-
-def _check_graph_io(sess: Any, plan: _Plan) -> None:
-    """The graph itself must carry the contract: the names, float32, a symbolic batch axis."""
-    ins = {i.name: i for i in sess.get_inputs()}
-    outs = {o.name: o for o in sess.get_outputs()}
-    missing = [n for n in plan.input_names if n not in ins] + [n for n in plan.output_names if n not in outs]
-    if missing:
-        raise ExportCheckError(
-            f"exported graph lacks {missing} (it has inputs {sorted(ins)}, outputs {sorted(outs)}). "
-            "The exporter drops inputs that forward() never reads: the reading and every state "
-            "must be used.",
-            max_abs_error=float("inf"),
-            where=missing[0],
-        )
-    for arg in [*ins.values(), *outs.values()]:
-        if arg.type != "tensor(float)" or not arg.shape or isinstance(arg.shape[0], int):
-            raise ExportCheckError(
-                f"{arg.name}: expected float32 with a symbolic batch axis 0, got {arg.type} {arg.shape}",
-                max_abs_error=float("inf"),
-                where=arg.name,
-            )
