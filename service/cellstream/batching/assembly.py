@@ -137,7 +137,8 @@ class Assembler:
                 return 0, False
         take = take_wave(progress, order.busy.mask(self.store.capacity), budget)
         if len(take):
-            plan.add_piece(progress, take, self.store.steps[progress.rows[take]])
+            rows = progress.rows[take]
+            plan.add_piece(progress, take, rows, self.store.steps[rows])
             plan.consumed += len(take)
             self._m_queue.observe(now - work.enqueued)
         return len(take), bool(progress.waves)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -40,6 +40,7 @@ class Batcher:
         self.runner = Runner(model, store, policy)
         self._assembler = Assembler(model, store, policy)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready: Sized | None = None  # the loop's ready callbacks, where it shows them
         self._queue: deque[Work] = deque()
         self._queued = 0  # readings waiting, for --max-queue: changed by submit and _plan only
         self._wake = asyncio.Event()
@@ -73,6 +74,7 @@ class Batcher:
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._ready = ready_callbacks(self._loop)
         self._task = self._loop.create_task(self._run_forever(), name=f"batcher-{self.model.name}")
 
     async def stop(self) -> None:
@@ -137,11 +139,9 @@ class Batcher:
         empty too, and one more iteration lets the next arrivals share the run). Waking the task
         would then only add a loop iteration and two task switches to a lone request.
         """
-        assert self._loop is not None or self._task is None
-        ready = ready_callbacks(self._loop) if self._loop is not None else None
         policy = self.policy
         return (
-            not ready
+            not self._ready
             and policy.inline_batch > 0
             and self._task is not None
             and isinstance(work, StepWork)
@@ -164,7 +164,7 @@ class Batcher:
         enough = min(self.max_batch, policy.settle_enough)
         if loop is None or self._queued >= enough:
             return
-        ready = ready_callbacks(loop)
+        ready = self._ready
         if ready is not None and not ready:
             return
         until = policy.clock() + policy.settle_seconds

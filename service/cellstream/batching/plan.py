@@ -161,8 +161,10 @@ class Plan:
         self.single_rows.append(-1 if row is None else row)
         self.single_steps.append(step)
 
-    def add_piece(self, progress: BatchProgress, take: np.ndarray, steps: np.ndarray) -> None:
-        rows = progress.rows[take]
+    def add_piece(
+        self, progress: BatchProgress, take: np.ndarray, rows: np.ndarray, steps: np.ndarray
+    ) -> None:
+        """Positions `take` of a StepBatch, at store rows `rows`, whose streams are at `steps`."""
         self.piece_rows.append(rows)
         self.piece_x.append(progress.work.x[take])
         self.piece_steps.append(steps)
