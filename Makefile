@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: run test lint typecheck unit proto bench bench-quick e2e image image-test clean
+.PHONY: run test lint typecheck unit proto bench bench-quick soak e2e image image-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,11 @@ bench: $(VENV)/.bench-installed
 
 bench-quick: $(VENV)/.bench-installed
 	$(BIN)/python -m bench --quick
+
+## Resource attacks on a real server (repeated-id StepBatch, import flood, unread StepStream, idle
+## connections): RSS, stalls and status codes, one JSON line per attack plus a table (under a minute).
+soak: $(VENV)/.bench-installed
+	$(BIN)/python -m bench.soak
 
 ## cellstream scraped by a real Prometheus (Debian package `prometheus`); every dashboard query returns data.
 e2e: $(VENV)/.test-installed

@@ -36,7 +36,8 @@ def test_a_lookup_is_reused_only_while_no_row_was_freed() -> None:
     earlier = (store.lookup(["a", "b"]), store.generation)
     store.delete(["a"])
     store.create(["c"])  # takes the row "a" had
-    rows = store.rows_for(["a", "b"], earlier)
+    rows, created = store.rows_for(["a", "b"], earlier)
+    assert created == ["a"]
     assert store.rows["a"] == rows[0] != store.rows["c"]
     assert rows[1] == store.rows["b"]
     assert len(set(store.rows.values())) == len(store.rows) == 3
@@ -46,7 +47,8 @@ def test_streams_created_after_the_lookup_are_not_created_twice() -> None:
     store = make_store()
     earlier = (store.lookup(["x", "y"]), store.generation)
     store.create(["x"])  # other work made "x" between the lookup and this batch's turn
-    rows = store.rows_for(["x", "y"], earlier)
+    rows, created = store.rows_for(["x", "y"], earlier)
+    assert created == ["y"]
     assert rows.tolist() == [store.rows["x"], store.rows["y"]]
     assert len(store) == 2
     assert int(store.alive.sum()) == 2, "a second row was made for x"

@@ -71,6 +71,18 @@ class Settings:
     stream_window: int = field(
         default=1024, metadata={"help": "unanswered readings per StepStream call before reading pauses"}
     )
+    max_import_bytes: int = field(
+        default=1 << 30, metadata={"help": "largest snapshot file ImportStates takes (bytes, in all)"}
+    )
+    max_connections: int = field(
+        default=4096, metadata={"help": "open client connections before new ones are refused"}
+    )
+    handshake_timeout: float = field(
+        default=10.0, metadata={"help": "seconds a new connection has to finish its handshake"}
+    )
+    connection_idle_timeout: float = field(
+        default=600.0, metadata={"help": "close a connection with no call for this many seconds (0 = never)"}
+    )
     intra_op_threads: int = field(default=1, metadata={"help": "onnxruntime threads per model run"})
     compute_threads: int = field(
         default=2, metadata={"help": "threads running the session.run calls of one large plan in parallel"}

@@ -16,9 +16,10 @@ from functools import partial
 from cellstream import metrics
 from cellstream.batching.batcher import Batcher
 from cellstream.engine import Engine
-from cellstream.errors import BadInput, Draining, UnknownModel
+from cellstream.errors import BadInput, Draining, TooManyStreams, UnknownModel, quoted
 from cellstream.streams.snapshot import ModelSection, SnapshotError, decode, encode
 from cellstream.streams.store import StateStore, StreamRows
+from cellstream.validate import MAX_STEP
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,8 @@ class Durability:
         names = self.deployment.names()
         unknown = set(models) - set(names)
         if unknown:
-            raise UnknownModel(f"no model {sorted(unknown)} here; models: {names}")
+            shown = ", ".join(quoted(name) for name in sorted(unknown)[:5])
+            raise UnknownModel(f"no model [{shown}] here; models: {names}")
         sections = []
         self.longest_pause = 0.0
         for (name, _), batcher in sorted(self.deployment.batchers.items()):
@@ -71,19 +73,56 @@ class Durability:
         return sections
 
     def restore(self, sections: Sequence[ModelSection]) -> int:
-        """Load snapshot sections before serving; returns how many streams were restored."""
+        """Load snapshot sections before serving; returns how many streams were restored.
+
+        Everything the file holds is restored, past --max-streams if need be (the limit then
+        applies to new streams); a section that does not fit its model is skipped and counted.
+        """
         restored = 0
-        for section, batcher in self._servable(sections):
-            batcher.store.restore(section.rows)
+        claimed: set[str] = set()
+        servable = self._servable(sections)
+        self._count_dropped(sections, {id(section) for section, _ in servable})
+        for section, batcher in servable:
+            try:
+                self._check(section, batcher, claimed)
+            except BadInput as exc:
+                log.error("dropping %d streams from the snapshot: %s", len(section.rows), exc)
+                metrics.STREAMS_DROPPED.labels(reason="invalid").inc(len(section.rows))
+                continue
+            batcher.store.restore(section.rows, beyond_limit=True)
             restored += len(section.rows)
+        excess = self.deployment.directory.excess()
+        if excess:
+            log.warning(
+                "restored %d streams, %d more than --max-streams %d: new streams are refused until "
+                "as many are deleted or expire",
+                restored,
+                excess,
+                self.deployment.directory.max_streams,
+            )
+            metrics.RESTORED_OVER_LIMIT.inc(excess)
         return restored
 
     async def import_sections(self, sections: Sequence[ModelSection]) -> tuple[int, int]:
-        """Load snapshot sections into a running server, each model between its runs."""
+        """Load snapshot sections into a running server, all or nothing: every section is checked
+        against its model and the stream limit before any is applied (each model between its runs)."""
+        servable = self._servable(sections)
+        claimed: set[str] = set()
+        for section, batcher in servable:
+            self._check(section, batcher, claimed)
+        directory = self.deployment.directory
+        if self.engine.settings.evict != "lru":
+            new = sum(1 for stream_id in claimed if directory.key_of(stream_id) is None)
+            if directory.excess(new):
+                raise TooManyStreams(
+                    f"the import holds {new} new streams; with the {len(directory)} here that is over "
+                    f"--max-streams {directory.max_streams}: nothing was imported"
+                )
         restored = 0
-        for section, batcher in self._servable(sections):
+        for section, batcher in servable:
             await batcher.between_runs(partial(StateStore.restore, rows=section.rows))
             restored += len(section.rows)
+        self._count_dropped(sections, {id(section) for section, _ in servable})
         return restored, sum(len(s.rows) for s in sections) - restored
 
     async def export_file(self, models: Sequence[str] = ()) -> list[bytes]:
@@ -102,24 +141,56 @@ class Durability:
         return await self.import_sections(sections)
 
     def _servable(self, sections: Sequence[ModelSection]) -> list[tuple[ModelSection, Batcher]]:
-        """Sections whose model is served at the same version and file hash; the rest are counted."""
+        """Sections whose model is served at the same version and file hash (looks only)."""
         servable = []
         for section in sections:
             batcher = self.deployment.batchers.get((section.name, section.version))
-            model = batcher.model if batcher else None
-            if batcher is None or model is None or model.sha256 != section.sha256:
-                reason = "model_missing" if section.name not in self.deployment.current else "model_changed"
-                log.warning(
-                    "dropping %d streams of model %s version %s from the snapshot: %s",
-                    len(section.rows),
-                    section.name,
-                    section.version,
-                    "that model version is not served" if model is None else "the model file changed",
-                )
-                metrics.STREAMS_DROPPED.labels(reason=reason).inc(len(section.rows))
-                continue
-            servable.append((section, batcher))
+            if batcher is not None and batcher.model.sha256 == section.sha256:
+                servable.append((section, batcher))
         return servable
+
+    def _count_dropped(self, sections: Sequence[ModelSection], kept: set[int]) -> None:
+        for section in sections:
+            if id(section) in kept:
+                continue
+            served = self.deployment.batchers.get((section.name, section.version)) is not None
+            reason = "model_changed" if section.name in self.deployment.current else "model_missing"
+            log.warning(
+                "dropping %d streams of model %s version %s from the snapshot: %s",
+                len(section.rows),
+                section.name,
+                section.version,
+                "the model file changed" if served else "that model version is not served",
+            )
+            metrics.STREAMS_DROPPED.labels(reason=reason).inc(len(section.rows))
+
+    def _check(self, section: ModelSection, batcher: Batcher, claimed: set[str]) -> None:
+        """A section fits its served model as the live API would require: the same states and
+        shapes, steps in range, and streams that are on no other model (nor twice in the file)."""
+        model = batcher.model
+        where = f"section of model {model.name!r} version {model.version!r}"
+        expected = [(spec.name, spec.shape) for spec in model.states]
+        found = [
+            (name, tuple(shape))
+            for name, shape in zip(section.state_names, section.state_shapes, strict=False)
+        ]
+        if found != expected or len(section.state_names) != len(section.state_shapes):
+            raise BadInput(f"{where} holds states {found}; the served model has {expected}")
+        if section.output_size != model.output_size:
+            raise BadInput(
+                f"{where} has outputs of {section.output_size}; the model answers {model.output_size}"
+            )
+        rows = section.rows
+        if len(rows) and int(rows.steps.max()) > MAX_STEP:
+            raise BadInput(f"{where} holds a step above {MAX_STEP}")
+        directory = self.deployment.directory
+        for stream_id in rows.ids:
+            key = directory.key_of(stream_id)
+            if stream_id in claimed or (key is not None and key != batcher.key):
+                raise BadInput(
+                    f"{where}: stream {quoted(stream_id)} is on another model or twice in the file"
+                )
+        claimed.update(rows.ids)
 
     async def expire(self, ttl: float) -> int:
         """Drop streams idle longer than ttl seconds."""

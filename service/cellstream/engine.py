@@ -188,7 +188,15 @@ class Engine:
         store = current.store
         looked_up = store.lookup(stream_ids)
         generation = store.generation
-        known = not (looked_up < 0).any()  # every stream is in this version's store already
+        present = looked_up[looked_up >= 0]
+        known = len(present) == len(looked_up)  # every stream is in this version's store already
+        validate.batch_reply_fits(
+            len(stream_ids),
+            current.model,
+            want_state=want_state,
+            highest_step=int(store.steps[present].max()) if len(present) else 0,
+            limit=self.settings.max_message_bytes,
+        )
         if known:
             if bad_row is not None:
                 raise bad_row[1]
@@ -244,6 +252,7 @@ class Engine:
         self, stream_id: str, model: str, state: Mapping[str, TensorValue], step: int
     ) -> StreamView:
         validate.stream_id(stream_id)
+        validate.step(step)
         name = self._model_name(model or self.deployment.directory.model_of(stream_id) or "")
         values = validate.states(state, self.deployment.batcher_for(stream_id, name).model)
         batcher, _ = self.deployment.route(stream_id, name, readings=0)

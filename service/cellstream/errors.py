@@ -1,6 +1,16 @@
-"""Domain errors. Each type maps to exactly one gRPC status code in the api layer."""
+"""Domain errors. Each type maps to exactly one gRPC status code in the protocol layer."""
 
 from __future__ import annotations
+
+SHOWN_CHARS = 64  # of a client's string quoted in an error message
+
+
+def quoted(value: str) -> str:
+    """A client's string for an error message: repr'd, and cut when long (a message echoing a
+    50 MB model name would not fit the reply's metadata)."""
+    if len(value) <= SHOWN_CHARS:
+        return repr(value)
+    return f"{value[:SHOWN_CHARS]!r}... ({len(value.encode(errors='replace'))} bytes)"
 
 
 class CellStreamError(Exception):
@@ -28,7 +38,7 @@ class StaleSequence(CellStreamError):
 
     def __init__(self, stream_id: str, seq: int, step: int) -> None:
         super().__init__(
-            f"stream {stream_id!r} is at step {step}: seq {seq} is neither the next reading "
+            f"stream {quoted(stream_id)} is at step {step}: seq {seq} is neither the next reading "
             f"(seq {step + 1}) nor a retry of the last one (seq {step})"
         )
         self.step = step
@@ -36,6 +46,11 @@ class StaleSequence(CellStreamError):
 
 class TooManyStreams(CellStreamError):
     """No room for a new stream (RESOURCE_EXHAUSTED)."""
+
+
+class TooLarge(CellStreamError):
+    """A request, or the reply it would get, is over a size limit; nothing was applied
+    (RESOURCE_EXHAUSTED)."""
 
 
 class Overloaded(CellStreamError):

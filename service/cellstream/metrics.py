@@ -88,6 +88,11 @@ STREAMS_DROPPED = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+RESTORED_OVER_LIMIT = Counter(
+    "cellstream_restored_over_limit_streams",
+    "Streams restored at start beyond --max-streams (kept; the limit then applies to new streams).",
+    registry=REGISTRY,
+)
 SNAPSHOT_DURATION = Histogram(
     "cellstream_snapshot_duration_seconds",
     "Taking one snapshot: copying the streams and writing the file.",
@@ -108,5 +113,5 @@ SNAPSHOT_FAILURES = Counter(
 )
 
 # Known reasons start at zero, so dashboards show 0 rather than "no data" before the first drop.
-for _reason in ("lru", "ttl", "model_changed", "model_missing"):
+for _reason in ("lru", "ttl", "model_changed", "model_missing", "invalid"):
     STREAMS_DROPPED.labels(reason=_reason)

@@ -11,17 +11,16 @@ import ctypes
 import json
 import logging
 import os
+import resource
 import signal
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 
 from cellstream import metrics
 from cellstream._proto.cellstream.v1 import cellstream_pb2 as pb
@@ -30,6 +29,7 @@ from cellstream.durability import Durability
 from cellstream.engine import Engine
 from cellstream.model import ModelRepository
 from cellstream.protocols.cellstream_v1 import CellStreamServicer, add_to_server
+from cellstream.protocols.prometheus_http import MetricsEndpoint
 from cellstream.streams.snapshot import SnapshotDir
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,50 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CellStream"].full_name
 def split_address(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+# File descriptors kept free of client connections: snapshot files, the metrics endpoint, model
+# loads and onnxruntime's own need a few each.
+FD_RESERVE = 64
+
+
+def connection_limit(wanted: int) -> int:
+    """--max-connections, raised file-descriptor limit permitting: the soft limit goes up to the
+    hard one, and connections stop FD_RESERVE short of it, so at the limit new clients are
+    refused while snapshots and /metrics keep working."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY or wanted + FD_RESERVE <= soft:
+        return wanted
+    limit = max(1, soft - FD_RESERVE)
+    log.warning(
+        "--max-connections %d lowered to %d: the process may open %d files and keeps %d for itself",
+        wanted,
+        limit,
+        soft,
+        FD_RESERVE,
+    )
+    return limit
+
+
+def grpc_options(settings: Settings) -> list[tuple[str, int]]:
+    """The gRPC server's channel arguments: message sizes and the connection bounds."""
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_allowed_incoming_connections", connection_limit(settings.max_connections)),
+        # A connection that opens and never completes its HTTP/2 handshake is closed.
+        ("grpc.server_handshake_timeout_ms", max(1, int(settings.handshake_timeout * 1000))),
+    ]
+    if settings.connection_idle_timeout > 0:
+        options.append(("grpc.max_connection_idle_ms", int(settings.connection_idle_timeout * 1000)))
+    return options
 
 
 class Server:
@@ -51,7 +95,7 @@ class Server:
         self._stopping = asyncio.Event()
         self._grpc: grpc.aio.Server | None = None
         self._health = HealthServicer()
-        self._metrics_http: Any = None
+        self._metrics_http: MetricsEndpoint | None = None
         self._snapshots: SnapshotDir | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.engine: Engine | None = None
@@ -69,12 +113,7 @@ class Server:
             self._snapshots = SnapshotDir(settings.state_dir, settings.snapshot_keep)
             self._restore(self._snapshots)
         self.engine.start()
-        options = [
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
-            ("grpc.max_send_message_length", settings.max_message_bytes),
-            ("grpc.so_reuseport", 0),
-        ]
-        server = grpc.aio.server(options=options)
+        server = grpc.aio.server(options=grpc_options(settings))
         add_to_server(CellStreamServicer(self.engine, self.durability, settings.stream_window), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -89,9 +128,8 @@ class Server:
         self._grpc = server
         if settings.metrics_address:
             metrics_host, metrics_port = split_address(settings.metrics_address)
-            httpd, _ = start_http_server(metrics_port, metrics_host, registry=metrics.REGISTRY)
-            self._metrics_http = httpd
-            self.metrics_address = f"{metrics_host}:{httpd.server_port}"
+            self._metrics_http = MetricsEndpoint(metrics_host, metrics_port, metrics.REGISTRY)
+            self.metrics_address = f"{metrics_host}:{self._metrics_http.port}"
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -198,8 +236,7 @@ class Server:
         await self._grpc.stop(grace=min(1.0, self.settings.drain_seconds))
         await self.engine.stop()
         if self._metrics_http is not None:
-            self._metrics_http.shutdown()
-            self._metrics_http.server_close()
+            self._metrics_http.close()
         log.info("stopped")
 
 

@@ -8,12 +8,14 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from cellstream.errors import BadInput
+from cellstream.errors import BadInput, TooLarge, quoted
 from cellstream.ids import first_id_problem, id_problem
 from cellstream.model import CellModel
 
 # A state given in a request: its declared shape (may be empty: then it is taken as flat) and values.
 TensorValue = tuple[Sequence[int], np.ndarray]
+# The highest step a stream may be set to: steps are u64, and the next reading must still fit.
+MAX_STEP = 2**64 - 2
 
 
 def stream_id(value: str) -> None:
@@ -42,7 +44,8 @@ def states(given: Mapping[str, TensorValue], model: CellModel) -> list[np.ndarra
     specs = {spec.name: spec for spec in model.states}
     unknown = set(given) - set(specs)
     if unknown:
-        raise BadInput(f"model {model.name!r} has no state {sorted(unknown)}; its states are {sorted(specs)}")
+        shown = ", ".join(quoted(name) for name in sorted(unknown)[:5])
+        raise BadInput(f"model {model.name!r} has no state [{shown}]; its states are {sorted(specs)}")
     result: list[np.ndarray | None] = []
     for spec in model.states:
         if spec.name not in given:
@@ -83,3 +86,26 @@ def first_bad_row(x: np.ndarray) -> tuple[int, BadInput] | None:
         return None
     index = int(np.flatnonzero(~finite)[0])
     return index, BadInput(f"stream_ids[{index}]: input holds NaN or infinity")
+
+
+def step(value: int) -> int:
+    if not 0 <= value <= MAX_STEP:
+        raise BadInput(f"step {value} is out of range: a stream's step is 0 to {MAX_STEP}")
+    return value
+
+
+def _varint_bytes(value: int) -> int:
+    return max(1, (value.bit_length() + 6) // 7)
+
+
+def batch_reply_fits(n: int, model: CellModel, *, want_state: bool, highest_step: int, limit: int) -> None:
+    """Refuse a StepBatch whose reply could not be sent (--max-message-bytes) before it is applied:
+    otherwise its steps would run and the caller, seeing an error, would send them again."""
+    size = 16 + 4 * n * model.output_size + n * _varint_bytes(highest_step + n)
+    if want_state:
+        size += sum(24 + len(spec.name.encode()) + 4 * n * spec.size for spec in model.states)
+    if size > limit:
+        raise TooLarge(
+            f"the reply to {n} readings of model {model.name!r} would be about {size} bytes, over "
+            f"--max-message-bytes {limit}: send fewer readings per StepBatch, or set omit_state"
+        )

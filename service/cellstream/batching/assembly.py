@@ -151,11 +151,12 @@ class Assembler:
                 work.future.set_exception(DeadlineExpired("the deadline passed while the batch waited"))
             else:
                 try:
-                    rows = self.store.rows_for(work.stream_ids, work.looked_up)
+                    rows, created = self.store.rows_for(work.stream_ids, work.looked_up)
                 except CellStreamError as exc:
                     work.future.set_exception(exc)
                 else:
                     work.looked_up = None
+                    plan.created += created
                     work.progress = BatchProgress(work, rows)
                     return work.progress
         plan.consumed += work.readings
@@ -178,6 +179,7 @@ class Assembler:
                     plan.singles[position].future.set_exception(exc)
                     self.store.forget_unstarted([stream_id])
                     rows.append(-1)
+        plan.created += [stream_id for stream_id, row in zip(ids, rows, strict=True) if row >= 0]
         for position, row in zip(positions, rows, strict=True):
             plan.single_rows[position] = row
         plan.new_singles = []

@@ -152,29 +152,30 @@ class Batcher:
             and policy.clock() - self._idle_since > policy.quiet_seconds
         )
 
-    async def _settle(self) -> None:
+    async def _settle(self) -> bool:
         """Let the loop deliver the requests it already has in hand before a plan is made.
 
         Under load gRPC hands requests to the loop one callback at a time: planning at the first
         makes runs of about one reading. Yielding while callbacks are ready (or, where the loop
         does not show them, while each round brings new work) gathers them into one run; an idle
-        loop plans at once. Bounded by the policy's rounds and seconds.
+        loop plans at once. Bounded by the policy's rounds and seconds. Returns whether it yielded.
         """
         loop, policy = self._loop, self.policy
         enough = min(self.max_batch, policy.settle_enough)
         if loop is None or self._queued >= enough:
-            return
+            return False
         ready = self._ready
         if ready is not None and not ready:
-            return
+            return False
         until = policy.clock() + policy.settle_seconds
         for _ in range(policy.settle_rounds):
             before = self._queued
             await asyncio.sleep(0)
             if self._queued >= enough or policy.clock() > until:
-                return
+                return True
             if (not ready) if ready is not None else self._queued == before:
-                return
+                return True
+        return True
 
     # -- the loop: one plan -> run -> finish path for the task and for a lone reading
 
@@ -202,15 +203,17 @@ class Batcher:
         if self.hold is not None and not self.hold.done():
             await asyncio.wait([self.hold])
             return
-        await self._settle()
+        yielded = await self._settle()
         plan = self._plan()
         if not plan.size:
             return
         if plan.size <= self.policy.inline_batch:
-            outcome = self._attempt(plan)
+            self._finish(plan, self._attempt(plan))
+            if not yielded:  # back-to-back inline plans (a long StepBatch wave by wave) share the loop
+                await asyncio.sleep(0)
         else:
             outcome = await asyncio.get_running_loop().run_in_executor(self._executor, self._attempt, plan)
-        self._finish(plan, outcome)
+            self._finish(plan, outcome)
 
     def _run_now(self) -> None:
         """One plan, synchronously, on an idle batcher (see _can_run_now); its task stays parked.
@@ -287,6 +290,9 @@ class Batcher:
             self.store.delete(ended)
 
     def _fail(self, plan: Plan, error: CellStreamError) -> None:
+        """Fail a plan's work. Streams it created are deleted again: a refused request changes nothing."""
+        if plan.created:
+            self.store.delete(plan.created)
         for work in plan.singles:
             if not work.future.done():
                 work.future.set_exception(error)

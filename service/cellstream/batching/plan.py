@@ -6,8 +6,7 @@ that stream; streams never wait for each other.
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -76,35 +75,80 @@ def check_seq(seq: int, step: int, *, reset: bool, replayable: bool) -> Seq:
     return Seq.RUN if seq == (1 if reset else step + 1) else Seq.STALE
 
 
-def plan_waves(stream_ids: list[str], rows: np.ndarray | None = None) -> deque[np.ndarray]:
+class Waves:
+    """A StepBatch's positions in wave order: wave k holds the k-th reading of every stream that
+    has one. Kept as one permutation and the waves' bounds (no array per wave), so a batch of one
+    id repeated N times costs O(N), not N arrays."""
+
+    __slots__ = ("_bounds", "_head", "_next", "_order")
+
+    def __init__(self, order: np.ndarray, bounds: np.ndarray) -> None:
+        self._order = order
+        self._bounds = bounds  # end offset of each wave in `order`
+        self._next = 0  # the current wave
+        self._head: np.ndarray | None = None  # what is left of the current wave, once cut
+
+    def __len__(self) -> int:
+        return len(self._bounds) - self._next
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for k in range(self._next, len(self._bounds)):
+            yield self.first if k == self._next else self._wave(k)
+
+    def _wave(self, k: int) -> np.ndarray:
+        start = int(self._bounds[k - 1]) if k else 0
+        return self._order[start : int(self._bounds[k])]
+
+    @property
+    def first(self) -> np.ndarray:
+        return self._wave(self._next) if self._head is None else self._head
+
+    def cut_first(self, rest: np.ndarray) -> None:
+        """The current wave, less what was taken of it; the next wave once nothing is left."""
+        if len(rest):
+            self._head = rest
+        else:
+            self._head = None
+            self._next += 1
+
+    def clear(self) -> None:
+        self._head = None
+        self._next = len(self._bounds)
+
+
+def plan_waves(stream_ids: Sequence[str], rows: np.ndarray | None = None) -> Waves:
     """Split positions so each wave holds a stream at most once, keeping every stream's order.
 
-    `rows`: the streams' rows when all are known; distinct streams have distinct rows, so a mask
-    over them tells a batch without repeats faster than hashing the ids into a set.
+    `rows`: the streams' rows when all are known (distinct streams have distinct rows, so they
+    serve as stream codes); otherwise each id's code is its last position. All of it is O(N) in C.
     """
     n = len(stream_ids)
     if rows is not None and n and int(rows.min()) >= 0:
         marked = np.zeros(int(rows.max()) + 1, bool)
         marked[rows] = True
         if np.count_nonzero(marked) == n:
-            return deque([np.arange(n)])
-    elif len(set(stream_ids)) == n:
-        return deque([np.arange(n)])
-    seen: dict[str, int] = {}
-    occurrence = np.empty(n, np.int64)
-    for i, stream_id in enumerate(stream_ids):
-        occurrence[i] = seen[stream_id] = seen.get(stream_id, -1) + 1
-    order = np.argsort(occurrence, kind="stable")
-    bounds = np.cumsum(np.bincount(occurrence))[:-1]
-    return deque(np.split(order, bounds))
+            return Waves(np.arange(n), np.array([n]))
+        codes = rows
+    else:
+        last = dict(zip(stream_ids, range(n), strict=True))
+        if len(last) == n:
+            return Waves(np.arange(n), np.array([n]))
+        codes = np.fromiter(map(last.__getitem__, stream_ids), np.int64, n)
+    by_code = np.argsort(codes, kind="stable")  # each stream's positions, in order, together
+    sorted_codes = codes[by_code]
+    starts = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]])
+    occurrence = np.empty(n, np.int64)  # the k of "the k-th reading of its stream"
+    occurrence[by_code] = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
+    return Waves(np.argsort(occurrence, kind="stable"), np.cumsum(np.bincount(occurrence)))
 
 
 def take_wave(progress: BatchProgress, busy: np.ndarray, budget: int) -> np.ndarray:
     """The free part (up to `budget`) of a StepBatch's current wave; what is left of the wave stays
-    first. Marks in `busy` the rows taken and every row of the batch still to run (they hold their
-    streams against later work)."""
+    first. Marks every row of the batch in `busy`: the rows taken are in this plan, and the others
+    hold their streams against later work (one mark per distinct stream, not per wave)."""
     rows = progress.rows
-    wave = progress.waves[0]
+    waves = progress.waves
+    wave = waves.first
     free = ~busy[rows[wave]]
     if free.all():
         take, rest = wave[:budget], wave[budget:]
@@ -112,14 +156,9 @@ def take_wave(progress: BatchProgress, busy: np.ndarray, budget: int) -> np.ndar
         free_part = wave[free]
         take, rest = free_part[:budget], np.concatenate([wave[~free], free_part[budget:]])
     if len(take):
-        if len(rest):
-            progress.waves[0] = rest
-        else:
-            progress.waves.popleft()
+        waves.cut_first(rest)
         progress.waiting -= len(take)
-    for pending in progress.waves:
-        busy[rows[pending]] = True
-    busy[rows[take]] = True
+    busy[progress.distinct_rows] = True
     return take
 
 
@@ -142,6 +181,7 @@ class Plan:
     pieces: list[tuple[BatchProgress, np.ndarray, int]] = field(default_factory=list)  # offset after singles
     piece_size: int = 0
     new_singles: list[int] = field(default_factory=list)  # indexes into singles of streams to create
+    created: list[str] = field(default_factory=list)  # streams created for this plan (none ran yet)
     consumed: int = 0
 
     @property

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
 from cellstream.model import ReplyLayout
 from cellstream.streams.store import StateStore
+
+if TYPE_CHECKING:
+    from cellstream.batching.plan import Waves
 
 T = TypeVar("T")
 R_contra = TypeVar("R_contra", contravariant=True)
@@ -99,7 +101,7 @@ class BatchWork:
     stream_ids: list[str]
     x: np.ndarray
     future: asyncio.Future[BatchResult]
-    waves: deque[np.ndarray]  # positions, each stream at most once per wave (plan.plan_waves)
+    waves: Waves  # positions, each stream at most once per wave (plan.plan_waves)
     want_state: bool = True
     deadline: float | None = None
     enqueued: float = field(default_factory=time.perf_counter)
@@ -121,6 +123,8 @@ class BatchProgress:
         self.work = work
         self.rows = rows
         self.waves = work.waves
+        # Every row of the batch once, to hold its streams against later work while it runs.
+        self.distinct_rows = rows if len(self.waves) <= 1 else np.unique(rows)
         self.waiting = work.readings  # readings not yet planned
         self.left = work.readings  # readings not yet answered
         self.outputs: np.ndarray | None = None

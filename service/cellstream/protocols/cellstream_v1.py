@@ -22,10 +22,12 @@ from cellstream._proto.cellstream.v1 import cellstream_pb2 as pb
 from cellstream._proto.cellstream.v1 import cellstream_pb2_grpc as pb_grpc
 from cellstream.durability import Durability
 from cellstream.engine import Engine, Sink, StepResult, StreamView, TensorValue
+from cellstream.ids import MAX_ID_BYTES
 from cellstream.protocols.cellstream_v1_wire import STEP_METADATA, StepReplies, batch_reply
-from cellstream.protocols.status import Context, RequestMetrics, code_of, deadline_of, rpc
+from cellstream.protocols.status import Context, Malformed, RequestMetrics, code_of, deadline_of, parser, rpc
 
 EXPORT_CHUNK = 1 << 20  # bytes per SnapshotChunk message
+UNNAMED = "\x00"  # a model label no served model has: counted as "unknown"
 
 
 def _request_model(request: Any) -> str:
@@ -84,13 +86,21 @@ class _StreamCall:
 
 
 class _Slot:
-    """One StepStream reading's place in the reply order; the batcher fills it like a future."""
+    """One StepStream reading's place in the reply order; the batcher fills it like a future.
 
-    __slots__ = ("call", "error", "finished", "request", "result", "started")
+    It keeps only what the reply needs (never the request: a client that does not read its
+    replies must not make the server hold its messages), each client string cut to the id limit.
+    """
 
-    def __init__(self, call: _StreamCall, request: pb.StepRequest, started: float) -> None:
+    __slots__ = ("call", "error", "finished", "model", "request_id", "result", "started", "stream_id")
+
+    def __init__(
+        self, call: _StreamCall, stream_id: str, model: str, request_id: int, started: float
+    ) -> None:
         self.call = call
-        self.request = request
+        self.stream_id = stream_id if len(stream_id) <= MAX_ID_BYTES else ""
+        self.model = model if len(model) <= MAX_ID_BYTES else UNNAMED
+        self.request_id = request_id
         self.started = started
         self.result: StepResult | None = None
         self.error: BaseException | None = None
@@ -156,7 +166,7 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
         return self._replies.encode(await future, request.request_id)
 
     async def StepStream(
-        self, request_iterator: AsyncIterator[pb.StepRequest], context: Context
+        self, request_iterator: AsyncIterator[pb.StepRequest | Malformed], context: Context
     ) -> AsyncIterator[pb.StepResponse | bytes]:
         """Errors go in-band, one reply per request, so this call is timed per message, not as a whole."""
         call = _StreamCall(asyncio.get_running_loop(), self.stream_window)
@@ -166,12 +176,18 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
         async def read() -> None:
             try:
                 async for request in request_iterator:
-                    slot = _Slot(call, request, time.perf_counter())
-                    slots.append(slot)
-                    try:
-                        self._queue(slot, request, deadline)
-                    except errors.CellStreamError as exc:
-                        slot.set_exception(exc)
+                    started = time.perf_counter()
+                    if isinstance(request, Malformed):  # answered in-band; the call goes on
+                        slot = _Slot(call, "", UNNAMED, 0, started)
+                        slots.append(slot)
+                        slot.set_exception(request.error())
+                    else:
+                        slot = _Slot(call, request.stream_id, request.model, request.request_id, started)
+                        slots.append(slot)
+                        try:
+                            self._queue(slot, request, deadline)
+                        except errors.CellStreamError as exc:
+                            slot.set_exception(exc)
                     # The window is the flow control: with `stream_window` replies unsent, reading
                     # stops, and HTTP/2 pushes back on the client instead of the server buffering.
                     if len(slots) >= call.window:
@@ -199,20 +215,19 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
                 slot.finished = True  # the batcher skips readings whose caller is gone
 
     def _stream_reply(self, slot: _Slot) -> pb.StepResponse | bytes:
-        request = slot.request
         if slot.error is not None:
             if not isinstance(slot.error, errors.CellStreamError):
                 raise slot.error
             code = code_of(slot.error)
-            self.request_metrics.observe("StepStream", request.model, code, slot.started)
+            self.request_metrics.observe("StepStream", slot.model, code, slot.started)
             return pb.StepResponse(
-                stream_id=request.stream_id,
-                request_id=request.request_id,
+                stream_id=slot.stream_id,
+                request_id=slot.request_id,
                 error=pb.Error(code=code.value[0], message=str(slot.error)),
             )
         assert slot.result is not None
-        self.request_metrics.observe("StepStream", request.model, grpc.StatusCode.OK, slot.started)
-        return self._replies.encode(slot.result, request.request_id)
+        self.request_metrics.observe("StepStream", slot.model, grpc.StatusCode.OK, slot.started)
+        return self._replies.encode(slot.result, slot.request_id)
 
     @rpc("StepBatch", model=_request_model)
     async def StepBatch(self, request: pb.StepBatchRequest, context: Context) -> bytes:
@@ -252,10 +267,20 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
 
     @rpc("ImportStates")
     async def ImportStates(
-        self, request_iterator: AsyncIterator[pb.SnapshotChunk], context: Context
+        self, request_iterator: AsyncIterator[pb.SnapshotChunk | Malformed], context: Context
     ) -> pb.ImportStatesResponse:
-        data = b"".join([chunk.data async for chunk in request_iterator])
-        restored, dropped = await self.durability.import_file(data)
+        limit = self.durability.engine.settings.max_import_bytes
+        data = bytearray()
+        async for chunk in request_iterator:
+            if isinstance(chunk, Malformed):
+                raise chunk.error()
+            if len(data) + len(chunk.data) > limit:  # refused at once: the rest is never read
+                raise errors.TooLarge(
+                    f"the snapshot file is over --max-import-bytes {limit}: raise the limit, or "
+                    f"export and import fewer models at a time (--model)"
+                )
+            data += chunk.data
+        restored, dropped = await self.durability.import_file(bytes(data))
         return pb.ImportStatesResponse(restored=restored, dropped=dropped)
 
     @rpc("ListModels")
@@ -304,7 +329,7 @@ def add_to_server(servicer: CellStreamServicer, server: grpc.aio.Server) -> None
         kind = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
         handlers[method.name] = kind(
             getattr(servicer, method.name),
-            request_deserializer=request_type.FromString,
+            request_deserializer=parser(request_type),
             response_serializer=serialize,
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))

@@ -26,6 +26,7 @@ CODES: dict[type[errors.CellStreamError], grpc.StatusCode] = {
     errors.StaleSequence: grpc.StatusCode.FAILED_PRECONDITION,
     errors.TooManyStreams: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.TooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Draining: grpc.StatusCode.UNAVAILABLE,
     errors.DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.ModelFailure: grpc.StatusCode.INTERNAL,
@@ -62,6 +63,37 @@ class RequestMetrics:
         child.observe(elapsed)
 
 
+class Malformed:
+    """What a request deserializer gives for bytes that are not a valid message, instead of
+    raising (which grpc would answer as UNKNOWN, with a traceback in the log)."""
+
+    __slots__ = ("reason", "type_name")
+
+    def __init__(self, type_name: str, reason: str) -> None:
+        self.type_name = type_name
+        self.reason = reason
+
+    def error(self) -> errors.BadInput:
+        return errors.BadInput(
+            f"the request is not a valid {self.type_name} message ({self.reason}): check that the "
+            f"client uses the server's protobuf definitions (string fields must be valid UTF-8)"
+        )
+
+
+def parser(message_type: Any) -> Callable[[bytes], Any]:
+    """A request deserializer that never raises: bad bytes become a Malformed."""
+    from_string = message_type.FromString
+    name = message_type.DESCRIPTOR.full_name
+
+    def parse(data: bytes) -> Any:
+        try:
+            return from_string(data)
+        except Exception as exc:  # protobuf's DecodeError, or a RecursionError on nesting
+            return Malformed(name, type(exc).__name__)
+
+    return parse
+
+
 class Servicer(Protocol):
     request_metrics: RequestMetrics
 
@@ -86,6 +118,9 @@ def rpc(
     by `model(request)` (`reply_model(reply)` on success, where the reply knows better), and turn a
     domain error into its status code, with `trailing(error)` as trailing metadata."""
 
+    def label_of(request: Any) -> str:
+        return "" if request.__class__ is Malformed else model(request)
+
     def wrap(handler: Callable[..., Any]) -> Callable[..., Any]:
         if inspect.isasyncgenfunction(handler):
 
@@ -93,10 +128,12 @@ def rpc(
             async def streamed(self: Servicer, request: Any, context: Context) -> AsyncIterator[Any]:
                 started = time.perf_counter()
                 try:
+                    if request.__class__ is Malformed:
+                        raise request.error()
                     async for reply in handler(self, request, context):
                         yield reply
                 except errors.CellStreamError as exc:
-                    self.request_metrics.observe(method, model(request), code_of(exc), started)
+                    self.request_metrics.observe(method, label_of(request), code_of(exc), started)
                     await abort(context, exc, trailing)
                     raise
                 self.request_metrics.observe(method, model(request), grpc.StatusCode.OK, started)
@@ -107,9 +144,11 @@ def rpc(
         async def unary(self: Servicer, request: Any, context: Context) -> Any:
             started = time.perf_counter()
             try:
+                if request.__class__ is Malformed:
+                    raise request.error()
                 reply = await handler(self, request, context)
             except errors.CellStreamError as exc:
-                self.request_metrics.observe(method, model(request), code_of(exc), started)
+                self.request_metrics.observe(method, label_of(request), code_of(exc), started)
                 await abort(context, exc, trailing)
                 raise  # abort raised already; this keeps type checkers honest
             label = model(request) if reply_model is None else reply_model(reply)

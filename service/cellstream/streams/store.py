@@ -78,8 +78,9 @@ class StateStore:
 
     def rows_for(
         self, stream_ids: Sequence[str], looked_up: tuple[np.ndarray, int] | None = None
-    ) -> np.ndarray:
-        """Rows of the given streams, creating the missing ones (all or none) at the initial state.
+    ) -> tuple[np.ndarray, list[str]]:
+        """Rows of the given streams, creating the missing ones (all or none) at the initial state;
+        and the ids it created.
 
         `looked_up`: (rows, generation) from an earlier `lookup`, reused if no row was freed since
         (streams missing then are looked up again: other work may have created them meanwhile).
@@ -99,16 +100,18 @@ class StateStore:
             created = self.create(new_ids)
             lookup = dict(zip(new_ids, created.tolist(), strict=True))
             rows[missing] = [lookup[stream_id] for stream_id in missing_ids]
-        return rows
+            return rows, new_ids
+        return rows, []
 
-    def create(self, stream_ids: Sequence[str]) -> np.ndarray:
-        """New rows at the model's initial state and step 0."""
-        if self.evict_lru:
+    def create(self, stream_ids: Sequence[str], *, beyond_limit: bool = False) -> np.ndarray:
+        """New rows at the model's initial state and step 0. `beyond_limit`: past --max-streams
+        (a restore at start keeps every stream its snapshot holds), and nothing is evicted."""
+        if self.evict_lru and not beyond_limit:
             unbound = sum(1 for stream_id in stream_ids if self.directory.key_of(stream_id) is None)
             excess = self.directory.excess(unbound)
             if excess:
                 self._evict_least_recent(excess)
-        self.directory.admit(stream_ids, self.key)
+        self.directory.admit(stream_ids, self.key, defer_limit=beyond_limit)
         n = len(stream_ids)
         reuse = min(n, len(self._free))
         rows = np.empty(n, np.int64)
@@ -249,14 +252,14 @@ class StateStore:
     def high_water(self) -> int:
         return self._high
 
-    def restore(self, rows: StreamRows) -> None:
+    def restore(self, rows: StreamRows, *, beyond_limit: bool = False) -> None:
         """Recreate streams from a copy (a snapshot); streams of the same ids are overwritten in place.
 
         In place, because queued work may already hold those rows: they must keep their identity.
         """
         existing = [self.rows.get(stream_id) for stream_id in rows.ids]
         fresh = [stream_id for stream_id, row in zip(rows.ids, existing, strict=True) if row is None]
-        created = iter(self.create(fresh).tolist()) if fresh else iter(())
+        created = iter(self.create(fresh, beyond_limit=beyond_limit).tolist()) if fresh else iter(())
         new = np.array([next(created) if row is None else row for row in existing], np.int64)
         self.last_seen[new] = time.monotonic()
         for slab, values in zip(self.slabs, rows.states, strict=True):
