@@ -383,3 +383,44 @@ def test_d1_a_long_batch_runs_wave_by_wave_without_holding_the_event_loop() -> N
     during, steps = asyncio.run(main())
     assert steps == list(range(1, n + 1))
     assert during >= n // 2, f"the loop ran other tasks {during} times during {n} waves"
+
+
+def test_slabs_grow_ahead_of_need_on_the_worker_thread_not_on_the_event_loop() -> None:
+    """Growing the state arrays copies all of them (seconds at millions of streams): the batcher
+    does it between runs on its worker thread, before a create runs out of rows."""
+    import threading  # noqa: PLC0415
+
+    from cellstream.config import Settings  # noqa: PLC0415
+    from cellstream.engine import Engine  # noqa: PLC0415
+    from cellstream.streams.store import StateStore  # noqa: PLC0415
+
+    grown_on: list[str] = []
+    reserve = StateStore.reserve
+
+    def recording(self: StateStore, needed: int) -> None:
+        if needed > self.capacity:
+            grown_on.append(threading.current_thread().name)
+        reserve(self, needed)
+
+    async def main() -> tuple[int, int]:
+        engine = Engine(ModelRepository(MODELS, default_model="gru"), Settings(models=MODELS))
+        engine.start()
+        try:
+            store = engine.deployment.current_for("gru").store
+            start = store.capacity
+            for wave in range(4):  # each fills most of what is spare, never all of it
+                for _ in range(1000):  # (the growth after the last batch's reply, bounded)
+                    if store.spare >= store.capacity // 4:
+                        break
+                    await asyncio.sleep(0.005)
+                ids = [f"g{wave}-{i}" for i in range(store.spare - start // 8)]
+                await engine.step_batch("gru", ids, np.ones((len(ids), 8), np.float32).tobytes())
+            return start, store.capacity
+        finally:
+            await engine.stop()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(StateStore, "reserve", recording)
+        start, end = asyncio.run(main())
+    assert end >= 8 * start
+    assert grown_on and all(name.startswith("cellstream-gru") for name in grown_on), grown_on

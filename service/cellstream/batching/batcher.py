@@ -207,13 +207,16 @@ class Batcher:
         plan = self._plan()
         if not plan.size:
             return
+        loop = asyncio.get_running_loop()
         if plan.size <= self.policy.inline_batch:
             self._finish(plan, self._attempt(plan))
             if not yielded:  # back-to-back inline plans (a long StepBatch wave by wave) share the loop
                 await asyncio.sleep(0)
         else:
-            outcome = await asyncio.get_running_loop().run_in_executor(self._executor, self._attempt, plan)
-            self._finish(plan, outcome)
+            self._finish(plan, await loop.run_in_executor(self._executor, self._attempt, plan))
+        store = self.store
+        if store.spare < store.capacity * self.policy.grow_when_spare:
+            await loop.run_in_executor(self._executor, store.reserve, 2 * store.capacity)
 
     def _run_now(self) -> None:
         """One plan, synchronously, on an idle batcher (see _can_run_now); its task stays parked.

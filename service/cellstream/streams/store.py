@@ -120,7 +120,7 @@ class StateStore:
             del self._free[-reuse:]
         fresh = n - reuse
         if fresh:
-            self._grow(self._high + fresh)
+            self.reserve(self._high + fresh)
             rows[reuse:] = np.arange(self._high, self._high + fresh)
             self._high += fresh
         self.reset_rows(rows)
@@ -176,8 +176,15 @@ class StateStore:
         self.replayable[row] = False
         self.last_seen[row] = time.monotonic()
 
-    def _grow(self, needed: int) -> None:
-        """Double the capacity until `needed` rows fit; only the writer calls this, between runs."""
+    @property
+    def spare(self) -> int:
+        """Rows a create can take without growing the slabs."""
+        return self.capacity - self._high + len(self._free)
+
+    def reserve(self, needed: int) -> None:
+        """Double the capacity until `needed` rows fit. A copy of every slab: the batcher calls it
+        ahead of need on its worker thread (nothing else touches the slabs then); a create that
+        outruns it grows in place."""
         capacity = self.capacity
         if needed <= capacity:
             return
