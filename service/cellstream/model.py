@@ -7,26 +7,29 @@ to a batch of answers and next states.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import onnxruntime as ort
 
 from cellstream.errors import ModelLoadError
+from cellstream.model_config import ModelConfig, one_line
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "config.json"
 DEFAULT_FILE = "DEFAULT"
-CONFIG_KEYS = {"reading", "states", "output", "initial_state", "max_batch", "version", "description"}
 FLOAT = "tensor(float)"
+
+ModelFile: TypeAlias = tuple[Path, str | None]
+"""A model's file to load and its version directory's name (None for `<name>/model.onnx`)."""
 
 
 @dataclass(frozen=True)
@@ -52,48 +55,18 @@ class ReplyLayout:
     states: tuple[tuple[str, tuple[int, ...]], ...]
 
 
-@dataclass(frozen=True)
-class ModelConfig:
-    """The optional config.json beside model.onnx; every field may be left out."""
-
-    reading: str | None = None
-    states: dict[str, str] | None = None
-    output: str | None = None
-    initial_state: dict[str, Any] | None = None
-    max_batch: int | None = None
-    version: str | None = None
-    description: str = ""
-
-    @classmethod
-    def read(cls, path: Path) -> ModelConfig:
-        if not path.exists():
-            return cls()
-        try:
-            raw = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"{path}: not valid JSON ({exc})") from exc
-        if not isinstance(raw, dict):
-            raise ModelLoadError(f"{path}: expected a JSON object")
-        unknown = set(raw) - CONFIG_KEYS
-        if unknown:
-            raise ModelLoadError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(CONFIG_KEYS)}")
-        states = raw.get("states")
-        if states is not None and not (
-            isinstance(states, dict) and all(isinstance(v, str) for v in states.values())
-        ):
-            raise ModelLoadError(f"{path}: 'states' must map state input names to output names")
-        max_batch = raw.get("max_batch")
-        if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
-            raise ModelLoadError(f"{path}: 'max_batch' must be a positive integer")
-        return cls(
-            reading=raw.get("reading"),
-            states=states,
-            output=raw.get("output"),
-            initial_state=raw.get("initial_state"),
-            max_batch=max_batch,
-            version=None if raw.get("version") is None else str(raw["version"]),
-            description=str(raw.get("description", "")),
-        )
+@contextmanager
+def _refusing(path: Path) -> Iterator[None]:
+    """Turn anything a hostile file still provokes (onnxruntime, numpy) into a ModelLoadError naming it."""
+    try:
+        yield
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(
+            f"{path}: cannot be loaded ({type(exc).__name__}: {one_line(exc)}): fix the model or its "
+            f"{CONFIG_FILE}, or move it out of the model repository"
+        ) from exc
 
 
 def _session_options(intra_op_threads: int) -> ort.SessionOptions:
@@ -135,18 +108,28 @@ class CellModel:
         intra_op_threads: int = 1,
     ) -> None:
         self.path = path
-        config = ModelConfig.read(path.parent / CONFIG_FILE)
-        self.name = name or path.parent.name
-        self.version = version or config.version or "1"
-        self.description = config.description
-        self.config_max_batch = config.max_batch
-        self.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
-        try:
-            self._session = ort.InferenceSession(
-                str(path), _session_options(intra_op_threads), providers=["CPUExecutionProvider"]
-            )
-        except Exception as exc:
-            raise ModelLoadError(f"{path}: onnxruntime cannot load it: {exc}") from exc
+        with _refusing(path):
+            config = ModelConfig.read(path.parent / CONFIG_FILE)
+            self.name = name or path.parent.name
+            self.version = version or config.version or "1"
+            self.description = config.description
+            self.config_max_batch = config.max_batch
+            try:
+                self.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+            except OSError as exc:
+                raise ModelLoadError(
+                    f"{path}: cannot read it ({one_line(exc)}): make it a readable file"
+                ) from exc
+            try:
+                self._session = ort.InferenceSession(
+                    str(path), _session_options(intra_op_threads), providers=["CPUExecutionProvider"]
+                )
+            except Exception as exc:  # onnxruntime raises its own types for a file it cannot take
+                raise ModelLoadError(f"{path}: onnxruntime cannot load it: {one_line(exc)}") from exc
+            self._discover(path, config)
+
+    def _discover(self, path: Path, config: ModelConfig) -> None:
+        """Find the reading, the state pairs and the answer, check their shapes, probe one run."""
         inputs = {i.name: i for i in self._session.get_inputs()}
         outputs = {o.name: o for o in self._session.get_outputs()}
         for kind, values in (("input", inputs), ("output", outputs)):
@@ -169,7 +152,10 @@ class CellModel:
         initial = config.initial_state or {}
         unknown = set(initial) - set(pairs)
         if unknown:
-            raise ModelLoadError(f"{path}: initial_state names {sorted(unknown)}, which are not states")
+            raise ModelLoadError(
+                f"{path.parent / CONFIG_FILE}: initial_state names {sorted(unknown)}, which are not states "
+                f"(the states are {sorted(pairs)})"
+            )
         states = []
         for state_name, out_name in sorted(pairs.items()):
             shape = _static_dims(f"{path}: state {state_name!r}", inputs[state_name].shape)
@@ -245,23 +231,29 @@ class CellModel:
     def _initial(path: Path, name: str, shape: tuple[int, ...], initial: dict[str, Any]) -> np.ndarray:
         if name not in initial:
             return np.zeros(shape, np.float32)
+        config = path.parent / CONFIG_FILE
+        beyond = f"{config}: initial_state {name!r} holds NaN, infinity or a number beyond float32's range"
         try:
-            value = np.broadcast_to(np.asarray(initial[name], np.float32), shape)
-        except ValueError as exc:
+            with np.errstate(over="ignore"):  # a float beyond float32 becomes inf, refused below
+                value = np.broadcast_to(np.asarray(initial[name], np.float32), shape)
+        except OverflowError as exc:  # an integer beyond any float
+            raise ModelLoadError(beyond) from exc
+        except ValueError as exc:  # a ragged list, or one deeper or longer than the state
             raise ModelLoadError(
-                f"{path}: initial_state {name!r} does not fit the state's shape {list(shape)}: {exc}"
+                f"{config}: initial_state {name!r} does not fit the state's shape {list(shape)} "
+                f"({one_line(exc)}): give one number, or a list of numbers of that shape"
             ) from exc
         if not np.isfinite(value).all():
-            raise ModelLoadError(f"{path}: initial_state {name!r} holds NaN or infinity")
+            raise ModelLoadError(beyond)
         return np.array(value)
 
     def _probe(self, path: Path) -> int:
         """Run one batch of two to learn the answer's size and prove the state outputs fit the inputs."""
-        x = np.zeros((2, self.input_size), np.float32)
         try:
+            x = np.zeros((2, self.input_size), np.float32)
             y, new_states = self.run(x, [np.stack([s.initial, s.initial]) for s in self.states])
         except Exception as exc:
-            raise ModelLoadError(f"{path}: a test run at batch 2 failed: {exc}") from exc
+            raise ModelLoadError(f"{path}: a test run at batch 2 failed: {one_line(exc)}") from exc
         for spec, value in zip(self.states, new_states, strict=True):
             if value.shape != (2, *spec.shape):
                 raise ModelLoadError(
@@ -279,18 +271,44 @@ class CellModel:
         return y.reshape(len(x), -1), next_states
 
 
-def find_model_file(model_dir: Path) -> tuple[Path, str | None]:
+def find_model_file(model_dir: Path) -> ModelFile:
     """`<dir>/model.onnx`, or the highest numbered `<dir>/<version>/model.onnx` and its version."""
-    direct = model_dir / MODEL_FILE
-    if direct.is_file():
-        return direct, None
-    versions = [
-        d for d in model_dir.iterdir() if d.is_dir() and d.name.isdigit() and (d / MODEL_FILE).is_file()
-    ]
-    if not versions:
+    found = _model_file(model_dir)
+    if found is None:
         raise ModelLoadError(f"{model_dir}: no {MODEL_FILE} and no <version>/{MODEL_FILE} inside")
-    best = max(versions, key=lambda d: int(d.name))
-    return best / MODEL_FILE, best.name
+    return found
+
+
+def _is_version(name: str) -> bool:
+    return name.isascii() and name.isdigit()  # str.isdigit alone takes '²' and '٣', which int() refuses
+
+
+def _model_file(model_dir: Path) -> ModelFile | None:
+    """The file a model directory serves; None where it holds no model at all (docs, scripts, a
+    staging `.v2`); ModelLoadError where it looks like a model but cannot be read or served."""
+    try:
+        if not model_dir.is_dir():
+            return None
+        direct = model_dir / MODEL_FILE
+        if direct.is_file():
+            return direct, None
+        candidates = [d.name for d in model_dir.iterdir() if d.is_dir() and (d / MODEL_FILE).is_file()]
+    except OSError as exc:
+        raise ModelLoadError(
+            f"{model_dir}: cannot read it ({one_line(exc)}): make it readable by the server's user, or "
+            f"move it out of the model repository"
+        ) from exc
+    versions = [name for name in candidates if _is_version(name)]
+    if versions:
+        best = max(versions, key=lambda name: (int(name), name))  # '1' beats '01': the same every scan
+        return model_dir / best / MODEL_FILE, best
+    lookalikes = sorted(name for name in candidates if name.isdigit())
+    if lookalikes:
+        raise ModelLoadError(
+            f"{model_dir}: version directories {lookalikes} are not named with the ASCII digits 0-9: "
+            f"rename each to its version number (e.g. '2')"
+        )
+    return None
 
 
 class ModelRepository:
@@ -302,23 +320,37 @@ class ModelRepository:
         self.root = root
         self.intra_op_threads = intra_op_threads
         self.models: dict[str, CellModel] = {}
-        for name, (path, version) in self.scan().items():
+        for name, found in self.scan().items():
+            if isinstance(found, ModelLoadError):
+                raise found
+            path, version = found
             self.models[name] = self.load(name, path, version)
             log.info("loaded model %s version %s from %s", name, self.models[name].version, path)
         if not self.models:
             raise ModelLoadError(f"model repository {root} holds no model (<name>/model.onnx)")
         self.default = self._pick_default(default_model)
 
-    def scan(self) -> dict[str, tuple[Path, str | None]]:
-        """What the directory holds now: each model's highest version file (nothing is loaded)."""
-        found = {}
-        for model_dir in sorted(self.root.iterdir()):
-            if not model_dir.is_dir() or model_dir.name.startswith((".", "_")):
+    def scan(self) -> dict[str, ModelFile | ModelLoadError]:
+        """What the directory holds now: each model's highest version file (nothing is loaded), or
+        the error of a directory that looks like a model but cannot be one (reported, not skipped)."""
+        try:
+            model_dirs = sorted(self.root.iterdir())
+        except OSError as exc:
+            raise ModelLoadError(
+                f"cannot list model repository {self.root} ({one_line(exc)}): make it readable by the "
+                f"server's user"
+            ) from exc
+        found: dict[str, ModelFile | ModelLoadError] = {}
+        for model_dir in model_dirs:
+            if model_dir.name.startswith((".", "_")):
                 continue
             try:
-                found[model_dir.name] = find_model_file(model_dir)
-            except ModelLoadError:
-                continue  # not a model directory (e.g. scripts or docs beside the models)
+                model_file = _model_file(model_dir)
+            except ModelLoadError as exc:
+                found[model_dir.name] = exc
+                continue
+            if model_file is not None:
+                found[model_dir.name] = model_file
         return found
 
     def load(self, name: str, path: Path, version: str | None) -> CellModel:
@@ -326,7 +358,12 @@ class ModelRepository:
 
     def _pick_default(self, requested: str) -> str | None:
         marker = self.root / DEFAULT_FILE
-        name = requested or (marker.read_text().strip() if marker.is_file() else "")
+        try:
+            name = requested or (marker.read_text(encoding="utf-8").strip() if marker.is_file() else "")
+        except (OSError, UnicodeError) as exc:
+            raise ModelLoadError(
+                f"{marker}: cannot read it ({one_line(exc)}): make it a readable file holding one model name"
+            ) from exc
         if name:
             if name not in self.models:
                 raise ModelLoadError(

@@ -12,14 +12,15 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from cellstream import metrics, validate
 from cellstream.batching.batcher import Batcher
 from cellstream.batching.policy import BatchPolicy
 from cellstream.batching.work import ControlWork
 from cellstream.config import Settings
-from cellstream.errors import BadInput, ModelLoadError, UnknownModel, WrongModel
-from cellstream.model import CellModel, ModelRepository
+from cellstream.errors import BadInput, ModelLoadError, UnknownModel, WrongModel, quoted
+from cellstream.model import CONFIG_FILE, CellModel, ModelRepository
 from cellstream.streams.directory import ModelKey, StreamDirectory
 from cellstream.streams.store import StateStore
 
@@ -79,7 +80,7 @@ class Deployment:
     def current_for(self, name: str) -> Batcher:
         batcher = self.current.get(name)
         if batcher is None:
-            raise UnknownModel(f"model {name!r} is not served here; models: {self.names()}")
+            raise UnknownModel(f"model {quoted(name)} is not served here; models: {self.names()}")
         return batcher
 
     def holding(self, stream_id: str) -> Batcher | None:
@@ -154,34 +155,73 @@ class Deployment:
             current.store.admit(list(dict.fromkeys(fresh)))
 
     async def reload(self) -> None:
-        """Load each model's new highest version found on disk; a broken one leaves the old serving."""
-        for name, (path, version) in self.repository.scan().items():
+        """Load each model's new highest version found on disk. Each model is tried on its own: one
+        that fails, whatever it raises, is logged and counted once per state of its files, and
+        neither its served version nor any other model is touched."""
+
+        def refuse(name: str, seen: _Seen, problem: Exception) -> None:
+            if self._refused.get(name) == seen:
+                return
+            self._refused[name] = seen
+            metrics.MODEL_LOAD_FAILURES.labels(model=name).inc()
+            stays = "the served version stays" if name in self.current else "it is not served"
+            # A ModelLoadError says what to fix; anything else is a bug here, so keep its traceback.
+            trace = None if isinstance(problem, ModelLoadError) else problem
+            log.error(
+                "refused model %s version %s: %s (%s)", name, seen.version, problem, stays, exc_info=trace
+            )
+
+        root = self.repository.root
+        try:
+            found = self.repository.scan()
+        except ModelLoadError as exc:  # the repository itself cannot be listed: nothing can load
+            seen = self._file_state(None, root)
+            if self._refused.get("/") != seen:  # "/": no model's name (a directory name has no '/')
+                self._refused["/"] = seen
+                log.error("cannot look for new model versions: %s (the served models stay)", exc)
+            return
+        self._refused.pop("/", None)
+        for name, entry in found.items():
+            if isinstance(entry, ModelLoadError):
+                refuse(name, self._file_state(None, root / name), entry)
+                continue
+            path, version = entry
             current = self.current.get(name)
             if (
                 current is not None
                 and current.model.version == (version or current.model.version)
                 and (version is not None or current.model.path == path)
             ):
+                self._refused.pop(name, None)  # what is on disk is what is served: nothing refused
                 continue
-            stat = path.stat()
-            seen = _Seen(version, stat.st_mtime_ns, stat.st_size)
+            seen = self._file_state(version, path, path.parent / CONFIG_FILE)
             if self._refused.get(name) == seen:
                 continue
             try:
                 model = await asyncio.to_thread(self.repository.load, name, path, version)
-            except (ModelLoadError, OSError) as exc:
-                self._refused[name] = seen
-                metrics.MODEL_LOAD_FAILURES.labels(model=name).inc()
-                log.error("refused model %s version %s: %s (the served version stays)", name, version, exc)
-                continue
-            if current is not None and (model.version, model.sha256) == (
-                current.model.version,
-                current.model.sha256,
-            ):
+                if current is not None and (model.version, model.sha256) == (
+                    current.model.version,
+                    current.model.sha256,
+                ):
+                    continue
+                await self.activate(model)
+            except Exception as exc:  # one model's failure must not keep the others from loading
+                refuse(name, seen, exc)
                 continue
             self._refused.pop(name, None)
-            await self.activate(model)
         await self.prune()
+
+    @staticmethod
+    def _file_state(version: str | None, *files: Path) -> _Seen:
+        """What a model's files look like now (newest mtime, total size): a refused model is tried
+        again once any of them changes, its config.json as well as its model.onnx."""
+        try:
+            stats = [f.stat() for f in files if f.exists()]
+        except OSError:
+            stats = []
+        if not stats:
+            return _Seen(version, -1, -1)
+        return _Seen(version, max(s.st_mtime_ns for s in stats), sum(s.st_size for s in stats))
 
     async def activate(self, model: CellModel) -> None:
         """Make `model` the version new streams start on; migrate live streams if so configured."""

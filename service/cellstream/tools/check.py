@@ -72,8 +72,9 @@ def load(path: Path) -> CellModel:
         return CellModel(model_file, name=path.name, version=version)
     if not path.is_file():
         raise ModelLoadError(f"{path}: no such file or directory")
-    if path.parent.name.isdigit():  # <repo>/<name>/<version>/model.onnx, named as the server names it
-        return CellModel(path, name=path.parent.parent.name, version=path.parent.name)
+    version_dir = path.parent.name
+    if version_dir.isascii() and version_dir.isdigit():  # <repo>/<name>/<version>/model.onnx
+        return CellModel(path, name=path.parent.parent.name, version=version_dir)
     return CellModel(path)
 
 
