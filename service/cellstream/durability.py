@@ -130,7 +130,7 @@ class Durability:
         sections = await self.snapshot(models)
         return await asyncio.to_thread(encode, sections)
 
-    async def import_file(self, data: bytes) -> tuple[int, int]:
+    async def import_file(self, data: bytes | bytearray) -> tuple[int, int]:
         """Load a snapshot file's streams; returns (restored, dropped)."""
         try:
             _, sections = await asyncio.to_thread(decode, data)

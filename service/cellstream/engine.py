@@ -202,13 +202,12 @@ class Engine:
                 raise bad_row[1]
             current.check_room(len(stream_ids))
         else:
-            keys = self.deployment.directory.keys_of(stream_ids)
             errors = [] if bad_row is None else [bad_row]
-            errors += self.deployment.batch_problems(stream_ids, keys, current)
+            errors += self.deployment.batch_problems(stream_ids, np.flatnonzero(looked_up < 0), current)
             if errors:
                 raise min(errors, key=lambda error: error[0])[1]
             current.check_room(len(stream_ids))
-            self.deployment.admit_batch(stream_ids, keys, current)
+            store.admit(stream_ids)
         future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
         current.submit(
             BatchWork(

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from cellstream import metrics, validate
 from cellstream.batching.batcher import Batcher
 from cellstream.batching.policy import BatchPolicy
@@ -124,18 +126,21 @@ class Deployment:
         return current, left
 
     def batch_problems(
-        self, stream_ids: Sequence[str], keys: Sequence[ModelKey | None], current: Batcher
+        self, stream_ids: Sequence[str], missing: np.ndarray, current: Batcher
     ) -> list[tuple[int, BadInput]]:
-        """What stops a StepBatch's streams from running on `current`: the first bad new id, the
-        first stream bound elsewhere (each named by its index). `keys`: directory.keys_of(ids)."""
+        """What stops a StepBatch's streams from running on `current`: the first bad id among those
+        not in its store (`missing`: their indexes), the first stream bound elsewhere; each named
+        by its index. Whole-list work is done in C: a batch of 100,000 must not hold the loop."""
         problems = []
-        new = [i for i, key in enumerate(keys) if key is None]
-        bad_id = validate.first_bad_id([stream_ids[i] for i in new], new)  # known ids were checked
+        positions = missing.tolist()
+        ids = [stream_ids[i] for i in positions]
+        bad_id = validate.first_bad_id(ids, positions)
         if bad_id is not None:
             problems.append(bad_id)
-        elsewhere = set(keys) - {None, current.key}  # (a set in C; the loop only names the index)
+        keys = self.directory.keys_of(ids)
+        elsewhere = set(keys) - {None, current.key}
         if elsewhere & set(self.batchers):
-            for i, key in enumerate(keys):
+            for i, key in zip(positions, keys, strict=True):
                 if key is not None and key != current.key and key in self.batchers:
                     where = "model" if key[0] != current.model.name else "an older version of model"
                     message = (
@@ -145,14 +150,6 @@ class Deployment:
                     problems.append((i, BadInput(message)))
                     break
         return problems
-
-    def admit_batch(
-        self, stream_ids: Sequence[str], keys: Sequence[ModelKey | None], current: Batcher
-    ) -> None:
-        """Admit a checked StepBatch's streams that are not yet bound to `current`, all or none."""
-        fresh = [stream_id for stream_id, key in zip(stream_ids, keys, strict=True) if key != current.key]
-        if fresh:
-            current.store.admit(list(dict.fromkeys(fresh)))
 
     async def reload(self) -> None:
         """Load each model's new highest version found on disk. Each model is tried on its own: one

@@ -280,7 +280,7 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
                     f"export and import fewer models at a time (--model)"
                 )
             data += chunk.data
-        restored, dropped = await self.durability.import_file(bytes(data))
+        restored, dropped = await self.durability.import_file(data)  # (no copy of the file)
         return pb.ImportStatesResponse(restored=restored, dropped=dropped)
 
     @rpc("ListModels")

@@ -113,7 +113,7 @@ def encode(
     return chunks
 
 
-def decode(data: bytes) -> tuple[float, list[ModelSection]]:
+def decode(data: bytes | bytearray) -> tuple[float, list[ModelSection]]:
     """(created_unix, sections) of a whole file; SnapshotError, and no other error, for any other bytes."""
     view = memoryview(data)
     if len(view) < _PREFIX.size + _DIGEST:

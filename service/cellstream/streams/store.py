@@ -118,16 +118,16 @@ class StateStore:
         if reuse:
             rows[:reuse] = self._free[-reuse:]
             del self._free[-reuse:]
+            for stream_id, row in zip(stream_ids[:reuse], rows[:reuse].tolist(), strict=True):
+                self.ids[row] = stream_id
         fresh = n - reuse
         if fresh:
             self.reserve(self._high + fresh)
             rows[reuse:] = np.arange(self._high, self._high + fresh)
+            self.ids[self._high : self._high + fresh] = stream_ids[reuse:]  # (in C, not per id)
             self._high += fresh
         self.reset_rows(rows)
-        row_list = rows.tolist()
-        self.rows.update(zip(stream_ids, row_list, strict=True))
-        for stream_id, row in zip(stream_ids, row_list, strict=True):
-            self.ids[row] = stream_id
+        self.rows.update(zip(stream_ids, rows.tolist(), strict=True))
         self.last_seen[rows] = time.monotonic()
         self.alive[rows] = True
         self._gauge.set(len(self.rows))
