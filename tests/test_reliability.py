@@ -424,3 +424,92 @@ def test_slabs_grow_ahead_of_need_on_the_worker_thread_not_on_the_event_loop() -
         start, end = asyncio.run(main())
     assert end >= 8 * start
     assert grown_on and all(name.startswith("cellstream-gru") for name in grown_on), grown_on
+
+
+def large_batch_engine(**settings: object) -> object:
+    from dataclasses import replace  # noqa: PLC0415
+
+    from cellstream.batching.policy import BatchPolicy  # noqa: PLC0415
+    from cellstream.config import Settings  # noqa: PLC0415
+    from cellstream.engine import Engine  # noqa: PLC0415
+
+    config = Settings(models=MODELS, **settings)  # type: ignore[arg-type]
+    # Small chunks and no settling: the turns counted below come from the chunking alone.
+    policy = replace(BatchPolicy.from_settings(config), check_chunk=500, settle_rounds=0)
+    return Engine(ModelRepository(MODELS, default_model="gru"), config, policy)
+
+
+def test_a_large_batch_of_new_streams_is_taken_in_chunks_sharing_the_loop() -> None:
+    n = 12_000
+
+    async def main() -> tuple[int, list[int], int]:
+        engine = large_batch_engine()
+        engine.start()  # type: ignore[attr-defined]
+        ticks, running = [0], [True]
+
+        async def ticker() -> None:
+            while running[0]:
+                ticks[0] += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(ticker())
+        try:
+            ids = [f"big-{i}" for i in range(n)]
+            reply = await engine.step_batch("gru", ids, np.ones((n, 8), np.float32).tobytes())  # type: ignore[attr-defined]
+            store = engine.deployment.current_for("gru").store  # type: ignore[attr-defined]
+            return ticks[0], reply.steps.tolist(), len(store)
+        finally:
+            running[0] = False
+            await task
+            await engine.stop()  # type: ignore[attr-defined]
+
+    ticks, steps, streams = asyncio.run(main())
+    assert steps == [1] * n and streams == n
+    assert ticks >= 2 * n // 500, f"the loop ran other tasks {ticks} times"  # intake + creation turns
+
+
+def test_a_large_batch_over_max_streams_admits_nothing_even_in_chunks() -> None:
+    from cellstream.errors import TooManyStreams  # noqa: PLC0415
+
+    async def main() -> tuple[int, int]:
+        engine = large_batch_engine(max_streams=5000)
+        engine.start()  # type: ignore[attr-defined]
+        try:
+            ids = [f"over-{i}" for i in range(6000)]  # each chunk fits; the whole does not
+            with pytest.raises(TooManyStreams):
+                await engine.step_batch("gru", ids, np.ones((6000, 8), np.float32).tobytes())  # type: ignore[attr-defined]
+            left = len(engine.deployment.directory)  # type: ignore[attr-defined]
+            reply = await engine.step_batch("gru", ids[:100], np.ones((100, 8), np.float32).tobytes())  # type: ignore[attr-defined]
+            return left, int(reply.steps.sum())
+        finally:
+            await engine.stop()  # type: ignore[attr-defined]
+
+    assert asyncio.run(main()) == (0, 100)
+
+
+@pytest.mark.parametrize("turns", [1, 4, 12, 30, 60])
+def test_a_large_batch_cancelled_at_any_point_leaves_no_stream(turns: int) -> None:
+    async def main() -> tuple[int, int]:
+        engine = large_batch_engine()
+        engine.start()  # type: ignore[attr-defined]
+        try:
+            ids = [f"gone-{i}" for i in range(6000)]
+            call = asyncio.ensure_future(
+                engine.step_batch("gru", ids, np.ones((6000, 8), np.float32).tobytes())  # type: ignore[attr-defined]
+            )
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            if call.done():
+                return -1, -1  # (finished before the cancel: nothing to check)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            for _ in range(200):  # the batcher meets the cancelled batch and drops what it made
+                await asyncio.sleep(0)
+            store = engine.deployment.current_for("gru").store  # type: ignore[attr-defined]
+            return len(store), len(engine.deployment.directory)  # type: ignore[attr-defined]
+        finally:
+            await engine.stop()  # type: ignore[attr-defined]
+
+    streams, entries = asyncio.run(main())
+    assert (streams, entries) in ((0, 0), (-1, -1))

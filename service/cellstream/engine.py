@@ -15,7 +15,7 @@ from typing import TypedDict, TypeVar, Unpack
 
 import numpy as np
 
-from cellstream import metrics, validate
+from cellstream import intake, metrics, validate
 from cellstream.batching.batcher import Batcher
 from cellstream.batching.plan import plan_waves
 from cellstream.batching.policy import BatchPolicy
@@ -179,48 +179,71 @@ class Engine:
         want_state: bool = True,
         deadline: float | None = None,
     ) -> BatchResult:
-        """Validate the whole batch, then apply it; any bad item fails it before anything runs."""
+        """Validate the whole batch, then apply it; any bad item fails it before anything runs.
+
+        A batch larger than the policy's check chunk is checked and admitted a chunk per turn of
+        the event loop (other callers go on meanwhile); its new streams are admitted all or none.
+        """
         name = self._model_name(model)
         current = self.deployment.current_for(name)
         stream_ids = list(stream_ids)
-        x = validate.batch_inputs(len(stream_ids), inputs, current.model, self.settings.max_batch_request)
+        n = len(stream_ids)
+        x = validate.batch_inputs(n, inputs, current.model, self.settings.max_batch_request)
         bad_row = validate.first_bad_row(x)
         store = current.store
-        looked_up = store.lookup(stream_ids)
+        chunk = self.deployment.policy.check_chunk
+        large = n > chunk
         generation = store.generation
+        looked_up = store.lookup(stream_ids) if not large else await intake.lookup(store, stream_ids, chunk)
         present = looked_up[looked_up >= 0]
-        known = len(present) == len(looked_up)  # every stream is in this version's store already
+        known = len(present) == n  # every stream is in this version's store already
         validate.batch_reply_fits(
-            len(stream_ids),
+            n,
             current.model,
             want_state=want_state,
             highest_step=int(store.steps[present].max()) if len(present) else 0,
             limit=self.settings.max_message_bytes,
         )
-        if known:
-            if bad_row is not None:
-                raise bad_row[1]
-            current.check_room(len(stream_ids))
-        else:
-            errors = [] if bad_row is None else [bad_row]
-            errors += self.deployment.batch_problems(stream_ids, np.flatnonzero(looked_up < 0), current)
-            if errors:
-                raise min(errors, key=lambda error: error[0])[1]
-            current.check_room(len(stream_ids))
+        missing = None if known else np.flatnonzero(looked_up < 0)
+        errors = [] if bad_row is None else [bad_row]
+        if missing is not None:
+            for start in range(0, len(missing), chunk):  # (positions ascend: the first found is first)
+                found = self.deployment.batch_problems(stream_ids, missing[start : start + chunk], current)
+                if found:
+                    errors += found
+                    break
+                if large:
+                    await asyncio.sleep(0)
+        if errors:
+            raise min(errors, key=lambda error: error[0])[1]
+        rows = looked_up if known else None
+        waves = plan_waves(stream_ids, rows) if not large else await intake.waves(stream_ids, rows, chunk)
+        current.check_room(n)
+        if missing is not None and not large:
             store.admit(stream_ids)
+        elif missing is not None:
+            await intake.admit(store, stream_ids, chunk, lambda: self._still_admissible(current, n))
         future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
         current.submit(
             BatchWork(
                 stream_ids,
                 x.astype(np.float32),
                 future,
-                plan_waves(stream_ids, looked_up if known else None),
+                waves,
                 want_state=want_state,
                 deadline=deadline,
                 looked_up=(looked_up, generation),
+                missing=missing if large else None,
             )
         )
         return await future
+
+    def _still_admissible(self, batcher: Batcher, readings: int) -> None:
+        """What a large batch rechecks after the loop turns its admission took."""
+        self._check_open()
+        if self.deployment.batchers.get(batcher.key) is not batcher:
+            raise Draining(f"model {batcher.model.name!r} changed version meanwhile: send it again")
+        batcher.check_room(readings)
 
     def _existing(self, stream_id: str) -> Batcher:
         """The batcher holding an existing stream (NOT_FOUND if none)."""

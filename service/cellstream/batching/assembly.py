@@ -11,6 +11,8 @@ import time
 from collections import deque
 from typing import Any
 
+import numpy as np
+
 from cellstream import metrics
 from cellstream.batching.plan import Ordering, Plan, Seq, check_seq, take_wave
 from cellstream.batching.policy import BatchPolicy
@@ -132,6 +134,9 @@ class Assembler:
             order.keep_all(work.stream_ids)
             return 0, True
         if progress is None:
+            if self._creating(work, plan, deadline_now):
+                order.keep_all(work.stream_ids)
+                return 0, True
             progress = self._begin_batch(work, plan, deadline_now)
             if progress is None:
                 return 0, False
@@ -142,6 +147,36 @@ class Assembler:
             plan.consumed += len(take)
             self._m_queue.observe(now - work.enqueued)
         return len(take), bool(progress.waves)
+
+    def _creating(self, work: BatchWork, plan: Plan, deadline_now: float) -> bool:
+        """Create the next chunk of a large batch's new streams; True while some are still to make.
+        A chunk per turn of the loop: 100,000 new streams are 100,000 dict inserts (in queue order,
+        so nothing changes for other work; the batch's streams wait behind it meanwhile)."""
+        missing, looked_up = work.missing, work.looked_up
+        if (
+            missing is None
+            or looked_up is None
+            or work.created_to >= len(missing)
+            or work.future.done()
+            or (work.deadline is not None and deadline_now > work.deadline)
+        ):
+            return False
+        positions = missing[work.created_to : work.created_to + self.policy.check_chunk]
+        work.created_to += len(positions)
+        ids = [work.stream_ids[i] for i in positions.tolist()]
+        rows = self.store.lookup(ids)
+        new = list(dict.fromkeys(ids[i] for i in np.flatnonzero(rows < 0).tolist()))
+        if new:
+            try:
+                self.store.create(new)
+            except CellStreamError as exc:
+                work.future.set_exception(exc)  # refused below, with what it created
+                return False
+            work.created += new
+            plan.created += new
+            rows = self.store.lookup(ids)
+        looked_up[0][positions] = rows
+        return work.created_to < len(missing)
 
     def _begin_batch(self, work: BatchWork, plan: Plan, deadline_now: float) -> BatchProgress | None:
         """First sight of a StepBatch: resolve (create) its streams, or refuse it whole."""
@@ -156,10 +191,12 @@ class Assembler:
                     work.future.set_exception(exc)
                 else:
                     work.looked_up = None
-                    plan.created += created
+                    plan.created += [*work.created, *created]  # (none has run: a failed run drops them)
                     work.progress = BatchProgress(work, rows)
                     return work.progress
         plan.consumed += work.readings
+        if work.created:  # streams made for it, a chunk at a time, that never ran
+            self.store.delete(work.created)
         self.store.forget_unstarted(work.stream_ids)
         return None
 

@@ -205,7 +205,9 @@ class Batcher:
             return
         yielded = await self._settle()
         plan = self._plan()
-        if not plan.size:
+        if not plan.size:  # all of it waits (a large batch creating its streams, a moving stream)
+            if not yielded:
+                await asyncio.sleep(0)
             return
         loop = asyncio.get_running_loop()
         if plan.size <= self.policy.inline_batch:

@@ -126,14 +126,21 @@ def plan_waves(stream_ids: Sequence[str], rows: np.ndarray | None = None) -> Wav
     if rows is not None and n and int(rows.min()) >= 0:
         marked = np.zeros(int(rows.max()) + 1, bool)
         marked[rows] = True
-        if np.count_nonzero(marked) == n:
-            return Waves(np.arange(n), np.array([n]))
-        codes = rows
-    else:
-        last = dict(zip(stream_ids, range(n), strict=True))
-        if len(last) == n:
-            return Waves(np.arange(n), np.array([n]))
-        codes = np.fromiter(map(last.__getitem__, stream_ids), np.int64, n)
+        return one_wave(n) if np.count_nonzero(marked) == n else waves_of(rows)
+    last = dict(zip(stream_ids, range(n), strict=True))
+    if len(last) == n:
+        return one_wave(n)
+    return waves_of(np.fromiter(map(last.__getitem__, stream_ids), np.int64, n))
+
+
+def one_wave(n: int) -> Waves:
+    """The waves of n distinct streams: one."""
+    return Waves(np.arange(n), np.array([n]))
+
+
+def waves_of(codes: np.ndarray) -> Waves:
+    """The waves of positions whose streams have these codes (equal code, same stream)."""
+    n = len(codes)
     by_code = np.argsort(codes, kind="stable")  # each stream's positions, in order, together
     sorted_codes = codes[by_code]
     starts = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]])

@@ -33,6 +33,9 @@ class BatchPolicy:
     settle_rounds: int = 64
     settle_seconds: float = 0.001
     settle_enough: int = 256
+    # Ids a large StepBatch's checks, admission and stream creation handle per turn of the event
+    # loop: the loop is never held for a whole batch of 100,000 new streams (dict inserts).
+    check_chunk: int = 2048
     # Grow a store's slabs (a copy of all of them) on the worker thread, ahead of need, once
     # fewer than this share of its rows are free, rather than on the loop when a create runs out.
     grow_when_spare: float = 0.25

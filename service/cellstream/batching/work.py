@@ -109,6 +109,11 @@ class BatchWork:
     # the batcher (between runs) has less to do.
     looked_up: tuple[np.ndarray, int] | None = None
     progress: BatchProgress | None = None  # set once the batcher has resolved its rows
+    # A large batch's positions without a row when it was checked: the batcher creates their
+    # streams a chunk per turn (`created_to` so far), remembering the streams it made for it.
+    missing: np.ndarray | None = None
+    created_to: int = 0
+    created: list[str] = field(default_factory=list)
 
     @property
     def readings(self) -> int:

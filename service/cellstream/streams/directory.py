@@ -46,9 +46,9 @@ class StreamDirectory:
     def _accepted(self, key: ModelKey) -> tuple[ModelKey, ModelKey | None]:
         return key, self._successor.get(key)
 
-    def admit(self, stream_ids: Sequence[str], key: ModelKey, *, defer_limit: bool = False) -> None:
+    def admit(self, stream_ids: Sequence[str], key: ModelKey, *, defer_limit: bool = False) -> list[str]:
         """Bind streams to a model version, all or none; `defer_limit` leaves the limit to eviction.
-        (Set operations in C: a StepBatch of 100,000 ids must not hold the event loop.)"""
+        Returns the ids it bound (those not bound before). Set operations in C, not per id."""
         owner = self._owner
         bound = set(map(owner.get, stream_ids))
         accepted = {key, self._successor.get(key), None}
@@ -59,14 +59,16 @@ class StreamDirectory:
                     assert other is not None
                     raise WrongModel(f"stream {stream_id!r} is bound to model {other[0]!r}, not {key[0]!r}")
         if None not in bound:
-            return
-        new = dict.fromkeys(stream_ids).keys() - owner.keys()
+            return []
+        # (not `keys() - owner.keys()`: a set difference with a dict walks the whole dict)
+        new = [stream_id for stream_id in dict.fromkeys(stream_ids) if stream_id not in owner]
         if not defer_limit and self.excess(len(new)):
             raise TooManyStreams(
                 f"the server holds {len(owner)} streams and --max-streams is {self.max_streams}: "
                 f"delete or end idle streams, raise the limit, or run with --evict lru"
             )
         owner.update(zip(new, repeat(key)))
+        return new
 
     def withdraw(self, stream_ids: Sequence[str], key: ModelKey) -> None:
         """Unbind streams, but only those still bound to `key` (a reset may have moved one)."""

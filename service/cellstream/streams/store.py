@@ -153,10 +153,11 @@ class StateStore:
         self._gauge.set(len(self.rows))
         return len(gone)
 
-    def admit(self, stream_ids: Sequence[str]) -> None:
+    def admit(self, stream_ids: Sequence[str]) -> list[str]:
         """Bind new streams to this version when their first work is accepted, before their rows
-        exist (raises when they cannot be taken); with --evict lru the limit is applied at creation."""
-        self.directory.admit(stream_ids, self.key, defer_limit=self.evict_lru)
+        exist (raises when they cannot be taken); with --evict lru the limit is applied at creation.
+        Returns the ids newly bound."""
+        return self.directory.admit(stream_ids, self.key, defer_limit=self.evict_lru)
 
     def forget_unstarted(self, stream_ids: Sequence[str]) -> None:
         """Withdraw the admissions of streams whose work was refused before it created them, so a
