@@ -147,8 +147,9 @@ class Engine:
         want_state: bool = True,
         deadline: float | None = None,
     ) -> None:
-        """Validate and queue one reading (raising if it is refused); `sink` gets its outcome."""
-        name = self._model_name(model)
+        """Validate and queue one reading (raising if it is refused); `sink` gets its outcome.
+        No model named: the stream's own model, or the default one for a new stream."""
+        name = self._model_name(model or self.deployment.directory.model_of(stream_id) or "")
         validate.stream_id(stream_id)
         # Checked against the stream's version (its shapes may differ from the current one's).
         cell = self.deployment.batcher_for(stream_id, name, reset=reset).model

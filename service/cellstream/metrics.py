@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+)
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+# process_* (CPU, RSS, open fds against their limit), python_info and python_gc_*: what an
+# operator reads first when a server misbehaves.
+for _collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+    REGISTRY.register(_collector)
+NO_MODEL = "none"  # the model label of RPCs that name no model (ListModels, DeleteStream, ...)
 
 # A cell step is ~10 µs of compute and ~200 µs of gRPC: the interesting range starts well below 1 ms.
 LATENCY_BUCKETS = (

@@ -49,14 +49,16 @@ class RequestMetrics:
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        self._children: dict[tuple[str, str, grpc.StatusCode], Any] = {}
+        self._children: dict[tuple[str, str | None, grpc.StatusCode], Any] = {}
 
-    def observe(self, method: str, model: str, code: grpc.StatusCode, started: float) -> None:
+    def observe(self, method: str, model: str | None, code: grpc.StatusCode, started: float) -> None:
+        """`model`: the request's model field ("" = the default model), None for an RPC that
+        names no model (labelled "none", not counted under the default model)."""
         elapsed = time.perf_counter() - started
         child = self._children.get((method, model, code))
         if child is None:
-            name = model or self._engine.default_model or ""
-            label = name if self._engine.serves(name) else "unknown"
+            name = metrics.NO_MODEL if model is None else model or self._engine.default_model or ""
+            label = name if model is None or self._engine.serves(name) else "unknown"
             child = metrics.REQUEST_DURATION.labels(method=method, model=label, code=code.name)
             if label != "unknown":  # never cache per arbitrary client string
                 self._children[(method, model, code)] = child
@@ -110,16 +112,17 @@ async def abort(
 def rpc(
     method: str,
     *,
-    model: Callable[[Any], str] = lambda request: "",
+    model: Callable[[Any], str | None] = lambda request: None,
     reply_model: Callable[[Any], str] | None = None,
     trailing: Callable[[errors.CellStreamError], Any] = lambda error: (),
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Wrap a handler (a coroutine, or an async generator for a streamed reply): time it, label it
-    by `model(request)` (`reply_model(reply)` on success, where the reply knows better), and turn a
+    by `model(request)` (None: the RPC names no model; `reply_model(reply)` on success, where the
+    reply knows better), and turn a
     domain error into its status code, with `trailing(error)` as trailing metadata."""
 
-    def label_of(request: Any) -> str:
-        return "" if request.__class__ is Malformed else model(request)
+    def label_of(request: Any) -> str | None:
+        return None if request.__class__ is Malformed else model(request)
 
     def wrap(handler: Callable[..., Any]) -> Callable[..., Any]:
         if inspect.isasyncgenfunction(handler):
