@@ -23,6 +23,7 @@ from cellstream._proto.cellstream.v1 import cellstream_pb2_grpc as pb_grpc
 from cellstream.durability import Durability
 from cellstream.engine import Engine, Sink, StepResult, StreamView, TensorValue
 from cellstream.ids import MAX_ID_BYTES
+from cellstream.protocols.access_log import AccessLog
 from cellstream.protocols.cellstream_v1_wire import STEP_METADATA, StepReplies, batch_reply
 from cellstream.protocols.status import Context, Malformed, RequestMetrics, code_of, deadline_of, parser, rpc
 
@@ -50,11 +51,13 @@ class _StreamCall:
     the writer is woken once per completed run, then sends every reply that is ready.
     """
 
-    __slots__ = ("_loop", "_space", "_waiter", "slots", "window")
+    __slots__ = ("_loop", "_space", "_waiter", "errors", "replied", "slots", "window")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, window: int) -> None:
         self._loop = loop
         self.window = window
+        self.replied = 0  # replies sent, errors among them: the call's access line
+        self.errors = 0
         self.slots: deque[_Slot] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._space: asyncio.Future[None] | None = None
@@ -137,11 +140,14 @@ def stream_state(view: StreamView) -> pb.StreamState:
 class CellStreamServicer(pb_grpc.CellStreamServicer):
     """Translates each RPC into one engine call."""
 
-    def __init__(self, engine: Engine, durability: Durability, stream_window: int = 1024) -> None:
+    def __init__(
+        self, engine: Engine, durability: Durability, stream_window: int = 1024, *, access_log: bool = False
+    ) -> None:
         self.engine = engine
         self.durability = durability
         self.stream_window = stream_window
         self.request_metrics = RequestMetrics(engine)
+        self.access_log = AccessLog() if access_log else None
         self._replies = StepReplies()
 
     def _queue(self, sink: Sink[StepResult], request: pb.StepRequest, deadline: float | None) -> None:
@@ -172,6 +178,8 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
         call = _StreamCall(asyncio.get_running_loop(), self.stream_window)
         deadline = deadline_of(context)
         slots = call.slots
+        started = time.perf_counter()
+        code = grpc.StatusCode.CANCELLED  # unless the call ends normally
 
         async def read() -> None:
             try:
@@ -202,17 +210,31 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
                 while slots and slots[0].finished:
                     slot = slots.popleft()
                     call.freed()
+                    call.replied += 1
+                    call.errors += slot.error is not None
                     yield self._stream_reply(slot)
                 if not slots and reader.done():
                     break
                 await call.wait()
             await reader  # a failed read (the client went away) ends the call with its error
+            code = grpc.StatusCode.OK
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
             for slot in slots:
                 slot.finished = True  # the batcher skips readings whose caller is gone
+            if self.access_log is not None:
+                self.access_log.record(
+                    "StepStream",
+                    None,
+                    code,
+                    time.perf_counter() - started,
+                    context.peer(),
+                    messages=call.replied + len(slots),
+                    errors=call.errors,
+                    unanswered=len(slots),
+                )
 
     def _stream_reply(self, slot: _Slot) -> pb.StepResponse | bytes:
         if slot.error is not None:

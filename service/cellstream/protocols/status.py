@@ -13,6 +13,7 @@ import grpc
 
 from cellstream import errors, metrics
 from cellstream.engine import Engine
+from cellstream.protocols.access_log import AccessLog
 
 Context = grpc.aio.ServicerContext[Any, Any]
 Req = TypeVar("Req")
@@ -51,7 +52,7 @@ class RequestMetrics:
         self._engine = engine
         self._children: dict[tuple[str, str | None, grpc.StatusCode], Any] = {}
 
-    def observe(self, method: str, model: str | None, code: grpc.StatusCode, started: float) -> None:
+    def observe(self, method: str, model: str | None, code: grpc.StatusCode, started: float) -> float:
         """`model`: the request's model field ("" = the default model), None for an RPC that
         names no model (labelled "none", not counted under the default model)."""
         elapsed = time.perf_counter() - started
@@ -63,6 +64,7 @@ class RequestMetrics:
             if label != "unknown":  # never cache per arbitrary client string
                 self._children[(method, model, code)] = child
         child.observe(elapsed)
+        return elapsed
 
 
 class Malformed:
@@ -98,6 +100,24 @@ def parser(message_type: Any) -> Callable[[bytes], Any]:
 
 class Servicer(Protocol):
     request_metrics: RequestMetrics
+    access_log: AccessLog | None
+
+
+def _finished(
+    self: Servicer,
+    context: Context,
+    request: Any,
+    *,
+    method: str,
+    model: str | None,
+    code: grpc.StatusCode,
+    started: float,
+) -> None:
+    """Count (and with --access-log, log) one finished call."""
+    elapsed = self.request_metrics.observe(method, model, code, started)
+    if self.access_log is not None:
+        request_id = getattr(request, "request_id", 0)
+        self.access_log.record(method, model, code, elapsed, context.peer(), request_id=request_id)
 
 
 async def abort(
@@ -136,10 +156,26 @@ def rpc(
                     async for reply in handler(self, request, context):
                         yield reply
                 except errors.CellStreamError as exc:
-                    self.request_metrics.observe(method, label_of(request), code_of(exc), started)
+                    _finished(
+                        self,
+                        context,
+                        request,
+                        method=method,
+                        model=label_of(request),
+                        code=code_of(exc),
+                        started=started,
+                    )
                     await abort(context, exc, trailing)
                     raise
-                self.request_metrics.observe(method, model(request), grpc.StatusCode.OK, started)
+                _finished(
+                    self,
+                    context,
+                    request,
+                    method=method,
+                    model=model(request),
+                    code=grpc.StatusCode.OK,
+                    started=started,
+                )
 
             return streamed
 
@@ -151,11 +187,21 @@ def rpc(
                     raise request.error()
                 reply = await handler(self, request, context)
             except errors.CellStreamError as exc:
-                self.request_metrics.observe(method, label_of(request), code_of(exc), started)
+                _finished(
+                    self,
+                    context,
+                    request,
+                    method=method,
+                    model=label_of(request),
+                    code=code_of(exc),
+                    started=started,
+                )
                 await abort(context, exc, trailing)
                 raise  # abort raised already; this keeps type checkers honest
             label = model(request) if reply_model is None else reply_model(reply)
-            self.request_metrics.observe(method, label, grpc.StatusCode.OK, started)
+            _finished(
+                self, context, request, method=method, model=label, code=grpc.StatusCode.OK, started=started
+            )
             return reply
 
         return unary
