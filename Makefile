@@ -22,7 +22,8 @@ $(VENV)/.bench-installed: pyproject.toml | $(BIN)/python
 	$(PIP) install -e '.[test,bench]'
 	touch $@
 
-## Serve the bundled models (default: gru) on 127.0.0.1:50051, metrics on 127.0.0.1:9095.
+## Serve the bundled models (default model: demo) on 127.0.0.1:50051, metrics on 127.0.0.1:9095.
+## The commands are installed in .venv: call .venv/bin/cellstream, or `. .venv/bin/activate` first.
 run: $(VENV)/.run-installed
 	$(BIN)/cellstream serve
 

@@ -7,6 +7,8 @@ user runs it; answers are compared with onnxruntime stepping the model directly 
 from __future__ import annotations
 
 import csv
+import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -14,11 +16,13 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from xml.etree import ElementTree
 
+import grpc
 import numpy as np
 import pytest
 
-from support import RunningServer, start_server, wait_for
+from support import MODELS, RunningServer, start_server, wait_for
 from test_demo import DEMO, readings, step_through
 
 ROWS_PER_STREAM = 300
@@ -66,6 +70,16 @@ def png_size(path: Path) -> tuple[int, int]:
     return width, height
 
 
+def svg_texts(path: Path) -> set[str]:
+    """Every text a plot saved as SVG shows: titles, axis labels, legend entries, tick labels."""
+    root = ElementTree.parse(path).getroot()
+    return {"".join(e.itertext()).strip() for e in root.iter("{http://www.w3.org/2000/svg}text")}
+
+
+def needs_matplotlib() -> None:
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib: pip install 'cellstream[plot]'")
+
+
 @pytest.fixture(scope="module")
 def reference(server: RunningServer, tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[str]]:
     """One uninterrupted replay of the two-station CSV: what every resumed replay must reproduce."""
@@ -107,12 +121,101 @@ def test_replay_of_the_demo_csv_writes_every_answer(server: RunningServer, tmp_p
 
 
 def test_plot_has_one_panel_pair_per_stream(server: RunningServer, tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib", reason="--plot needs matplotlib: pip install 'cellstream[plot]'")
+    needs_matplotlib()
     csv_path = two_streams(tmp_path / "plotted.csv", "plot")
     plot = tmp_path / "plot.png"
     result = replay(server, csv_path, "--stream-col", "station", "--model", "demo", "--plot", str(plot))
     assert result.returncode == 0, result.stderr
     assert png_size(plot) == (1200, 2 * 500)
+
+
+SERIES = {"reading", "forecast made one step earlier", "actual error |reading - forecast|", "expected error"}
+
+
+def test_plot_axes_carry_the_time_column_and_the_unit_given(server: RunningServer, tmp_path: Path) -> None:
+    needs_matplotlib()
+    csv_path = tmp_path / "co2.csv"
+    csv_path.write_bytes((DEMO / "co2_weekly.csv").read_bytes())
+    plot = tmp_path / "plot.svg"
+    args = ["--time-col", "date", "--unit", "ppm", "--plot-last", "104", "--plot", str(plot)]
+    result = replay(server, csv_path, "--model", "demo", *args)
+    assert result.returncode == 0, result.stderr
+    texts = svg_texts(plot)
+    assert {"date", "co2 (ppm)", "error (ppm)", "stream co2, model demo"} | SERIES <= texts
+    assert any(re.fullmatch(r"200[01]-\d\d", t) for t in texts), texts  # dated ticks: 2000-2001
+    assert not [t for t in texts if "answer[" in t or "prediction" in t]
+
+
+def test_plot_takes_units_from_the_csv_header(server: RunningServer, tmp_path: Path) -> None:
+    needs_matplotlib()
+    csv_path = tmp_path / "tank.csv"
+    series = readings()[:200]
+    csv_path.write_text("t (s),level [m]\n" + "".join(f"{i * 0.5},{v:.2f}\n" for i, v in enumerate(series)))
+    plot = tmp_path / "plot.svg"
+    result = replay(server, csv_path, "--model", "demo", "--time-col", "t (s)", "--plot", str(plot))
+    assert result.returncode == 0, result.stderr
+    assert "replayed 200 rows" in result.stderr  # the time column is not sent as a reading
+    assert {"t (s)", "level (m)", "error (m)"} | SERIES <= svg_texts(plot)
+
+    without = replay(server, csv_path, "--model", "demo", "--value-cols", "level [m]", "--plot", str(plot))
+    assert without.returncode == 0, without.stderr
+    assert {"step", "level (m)", "error (m)"} <= svg_texts(plot)
+
+
+def test_a_time_column_that_is_neither_numbers_nor_dates_is_refused_before_sending(
+    server: RunningServer, tmp_path: Path
+) -> None:
+    csv_path = tmp_path / "when.csv"
+    csv_path.write_text("when,co2\n2001-01-06,370.1\nyesterday,370.4\n")
+    result = replay(server, csv_path, "--model", "demo", "--time-col", "when")
+    assert result.returncode == 2
+    assert "line 3: time column 'when' holds 'yesterday'" in result.stderr
+    with server.client() as client, pytest.raises(grpc.RpcError) as info:
+        client.get_state("when")  # the stream named after the file was never created
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_seq_replay_plots_the_whole_out_file_even_with_nothing_left_to_apply(
+    server: RunningServer, tmp_path: Path
+) -> None:
+    needs_matplotlib()
+    csv_path = two_streams(tmp_path / "again.csv", "again")
+    common = ["--stream-col", "station", "--model", "demo", "--seq"]
+    whole = replay(
+        server, csv_path, *common, "--out", str(tmp_path / "whole.csv"), "--plot", str(tmp_path / "whole.png")
+    )
+    assert whole.returncode == 0, whole.stderr
+    with server.client() as client:
+        for stream in ("again-a", "again-b"):
+            assert client.delete(stream)
+
+    # The same streams again, in two runs: the second plots what both applied.
+    out = str(tmp_path / "out.csv")
+    part = replay(server, csv_path, *common, "--limit", "251", "--out", out)
+    assert part.returncode == 0, part.stderr
+    rest = replay(server, csv_path, *common, "--out", out, "--plot", str(tmp_path / "rest.png"))
+    assert rest.returncode == 0, rest.stderr
+    assert (tmp_path / "rest.png").read_bytes() == (tmp_path / "whole.png").read_bytes()
+
+    nothing = replay(server, csv_path, *common, "--out", out, "--plot", str(tmp_path / "nothing.png"))
+    assert nothing.returncode == 0, nothing.stderr
+    assert "replayed 0 rows" in nothing.stderr
+    assert (tmp_path / "nothing.png").read_bytes() == (tmp_path / "whole.png").read_bytes()
+
+
+def test_a_seq_replay_without_the_earlier_out_file_says_why_it_draws_no_plot(
+    server: RunningServer, tmp_path: Path
+) -> None:
+    needs_matplotlib()
+    csv_path = two_streams(tmp_path / "unplotted.csv", "unplotted")
+    common = ["--stream-col", "station", "--model", "demo", "--seq"]
+    assert replay(server, csv_path, *common).returncode == 0
+    plot = tmp_path / "plot.png"
+    again = replay(server, csv_path, *common, "--plot", str(plot))
+    assert again.returncode == 0, again.stderr
+    assert "no plot written: the 600 rows applied by an earlier run are in no --out file" in again.stderr
+    assert "rerun with that run's --out FILE" in again.stderr
+    assert not plot.exists()
 
 
 def test_seq_resume_after_a_partial_replay_applies_nothing_twice(
@@ -200,7 +303,8 @@ def test_refused_rows_are_written_with_their_error(server: RunningServer, tmp_pa
     ("args", "message"),
     [
         (["--model", "gru"], "each row gives 1 value(s), model 'gru' expects 8"),
-        (["--model", "nope"], "the server has no model 'nope'"),
+        (["--model", "nope"], "the server has no model 'nope' (models: demo, gru, gru2, lstm)"),
+        (["--time-col", "day"], "has no column 'day'"),
         (["--value-cols", "ppm"], "has no column 'ppm'"),
         (["--stream-col", "site"], "has no column 'site'"),
         (["--seq", "--reset"], "--seq and --reset exclude each other"),
@@ -212,3 +316,24 @@ def test_a_replay_that_cannot_start_exits_2_and_says_why(
     result = replay(server, DEMO / "co2_weekly.csv", *args)
     assert result.returncode == 2
     assert message in result.stderr
+
+
+def test_the_model_list_names_each_model_once_while_two_versions_are_loaded(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    (repo / "gru" / "1").mkdir(parents=True)
+    shutil.copy(MODELS / "gru" / "model.onnx", repo / "gru" / "1" / "model.onnx")
+    shutil.copytree(DEMO, repo / "demo")
+    running = start_server(tmp_path / "run", "--model-poll-interval", "0.05", models=repo)
+    try:
+        with running.client() as client:
+            client.step("stays-on-1", np.zeros(8, np.float32), model="gru")
+            staging = repo / "gru" / ".2"
+            staging.mkdir()
+            shutil.copy(MODELS / "gru" / "model.onnx", staging / "model.onnx")
+            staging.rename(repo / "gru" / "2")
+            wait_for(lambda: sorted(m.version for m in client.list_models() if m.name == "gru") == ["1", "2"])
+        result = replay(running, DEMO / "co2_weekly.csv", "--model", "nope")
+        assert result.returncode == 2
+        assert "the server has no model 'nope' (models: demo, gru)" in result.stderr
+    finally:
+        assert running.stop() == 0, running.log()

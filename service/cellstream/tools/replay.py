@@ -4,7 +4,8 @@ Each row is one reading of one stream (the `--stream-col` value, or the file's n
 back in request order, so reply i answers row i. With `--seq` every reading carries its position
 in its stream (seq = position + 1) and the replay first asks the server where each stream stands:
 rows already applied are skipped, so an interrupted replay continues without applying anything
-twice. Heavy dependencies (tqdm, matplotlib) are imported inside the command.
+twice. Heavy dependencies (tqdm, matplotlib) are imported inside the command; the plot itself is
+drawn by `replay_plot`.
 """
 
 from __future__ import annotations
@@ -12,14 +13,15 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.util
-import itertools
-import math
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
+
+from cellstream.tools.replay_plot import Labels, answered_by, answers_in, plot
+from cellstream.tools.replay_table import ReplayError, Row, Table, read_table
 
 if TYPE_CHECKING:
     from cellstream._proto.cellstream.v1 import cellstream_pb2 as pb
@@ -28,32 +30,6 @@ if TYPE_CHECKING:
 EXIT_ROW_ERRORS = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-PLOT_WIDTH_PX = 1200
-PLOT_STREAM_HEIGHT_PX = 500
-PLOT_DPI = 100
-PLOT_MAX_STREAMS = 6
-
-
-class ReplayError(Exception):
-    """The replay cannot start (file, columns, model, server); the message says what to change."""
-
-
-@dataclass(frozen=True)
-class Row:
-    """One reading: its row in the file, its stream, and its position in that stream (from 0)."""
-
-    index: int
-    stream: str
-    position: int
-    values: tuple[float, ...]
-
-
-@dataclass(frozen=True)
-class Table:
-    value_cols: tuple[str, ...]
-    rows: tuple[Row, ...]
-    streams: tuple[str, ...]
-    """In order of first appearance."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +53,7 @@ def register(commands: Any) -> None:
         help="stream a CSV's rows as readings over one StepStream call",
         description="Send each row of a CSV as one reading (one stream per --stream-col value, or one "
         "stream named after the file), write the answers as CSV and plot readings against "
-        "predictions. Exit 0: every row answered; 1: some rows were refused (see the CSV's error "
+        "forecasts. Exit 0: every row answered; 1: some rows were refused (see the CSV's error "
         "column); 2: nothing was sent; 130: interrupted (rerun with --seq to continue).",
     )
     parser.add_argument("csv", type=Path, help="the CSV file; its first line names the columns")
@@ -90,8 +66,23 @@ def register(commands: Any) -> None:
     parser.add_argument("--rate", type=float, default=0.0, help="at most N rows per second (0 = no limit)")
     parser.add_argument("--limit", type=int, default=0, help="only the first N rows of the file")
     parser.add_argument("--out", type=Path, default=None, help="write the answers here (CSV)")
-    parser.add_argument("--plot", type=Path, default=None, help="draw readings vs predictions here (PNG)")
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        help="draw readings vs forecasts here (PNG, or SVG by the suffix), reading answer[0] as the "
+        "forecast of the next reading and answer[1] as its expected error; a resumed replay plots "
+        "its whole --out file",
+    )
     parser.add_argument("--plot-last", type=int, default=0, help="plot only each stream's last N rows")
+    parser.add_argument(
+        "--time-col", default="", help="column of each row's time (numbers or ISO dates): the plot's x axis"
+    )
+    parser.add_argument(
+        "--unit",
+        default="",
+        help="unit of the readings, for the plot (default: from a header like 'co2 (ppm)')",
+    )
     parser.add_argument(
         "--seq",
         action="store_true",
@@ -120,7 +111,13 @@ def _run(args: argparse.Namespace) -> int:
     client = Client(args.address, timeout=args.timeout)
     try:
         try:
-            table = read_table(args.csv, stream_col=args.stream_col, value_cols=value_cols, limit=args.limit)
+            table = read_table(
+                args.csv,
+                stream_col=args.stream_col,
+                value_cols=value_cols,
+                time_col=args.time_col,
+                limit=args.limit,
+            )
             model, output_size = _model_for(client, args.model, len(table.value_cols))
             done = _applied_steps(client, table.streams, model) if args.seq else {}
         except ReplayError as exc:
@@ -138,76 +135,15 @@ def _run(args: argparse.Namespace) -> int:
         client.close()
 
 
-def read_table(path: Path, *, stream_col: str = "", value_cols: Sequence[str] = (), limit: int = 0) -> Table:
-    """Parse the CSV: the readings' columns (given, or every numeric one), each row's stream and position."""
-    try:
-        with path.open(newline="") as handle:
-            reader = csv.reader(handle)
-            header = next(reader, None)
-            records = [r for r in reader if r]
-    except OSError as exc:
-        raise ReplayError(f"cannot read {path}: {exc.strerror}") from exc
-    if not header:
-        raise ReplayError(f"{path} is empty: the first line must name the columns")
-    if limit > 0:
-        records = records[:limit]
-    if stream_col and stream_col not in header:
-        raise ReplayError(f"{path} has no column {stream_col!r} (columns: {', '.join(header)})")
-    missing = [c for c in value_cols if c not in header]
-    if missing:
-        raise ReplayError(
-            f"{path} has no column {', '.join(map(repr, missing))} (columns: {', '.join(header)})"
-        )
-    if not value_cols:
-        value_cols = [c for i, c in enumerate(header) if c != stream_col and _numeric(records, i)]
-        if not value_cols:
-            raise ReplayError(f"{path}: no numeric column to send; name them with --value-cols")
-    where = [header.index(c) for c in value_cols]
-    stream_at = header.index(stream_col) if stream_col else -1
-    positions: dict[str, int] = {}
-    rows = []
-    for index, record in enumerate(records):
-        if len(record) != len(header):
-            raise ReplayError(f"{path} line {index + 2}: {len(record)} fields, the header has {len(header)}")
-        stream = record[stream_at] if stream_col else path.stem
-        values = []
-        for column, at in zip(value_cols, where, strict=True):
-            try:
-                values.append(float(record[at]) if record[at].strip() else math.nan)
-            except ValueError:
-                raise ReplayError(
-                    f"{path} line {index + 2}: column {column!r} holds {record[at]!r}, not a number"
-                ) from None
-        position = positions.get(stream, 0)
-        positions[stream] = position + 1
-        rows.append(Row(index, stream, position, tuple(values)))
-    return Table(tuple(value_cols), tuple(rows), tuple(positions))
-
-
-def _numeric(records: list[list[str]], column: int) -> bool:
-    """Every non-empty cell parses as a float (an empty cell is a missing reading, sent as NaN)."""
-    seen = False
-    for record in records:
-        cell = record[column].strip() if column < len(record) else ""
-        if not cell:
-            continue
-        try:
-            float(cell)
-        except ValueError:
-            return False
-        seen = True
-    return seen
-
-
 def _model_for(client: Client, requested: str, columns: int) -> tuple[str, int]:
     """The model's name and answer size; refuses a reading size the model would refuse row by row."""
-    models = client.list_models()
+    # One entry per loaded version: the current one first, each name once in messages.
+    models = sorted(client.list_models(), key=lambda m: not m.current)
     if requested:
         found = [m for m in models if m.name == requested]
         if not found:
-            raise ReplayError(
-                f"the server has no model {requested!r} (models: {', '.join(m.name for m in models)})"
-            )
+            names = sorted({m.name for m in models})
+            raise ReplayError(f"the server has no model {requested!r} (models: {', '.join(names)})")
     else:
         found = [m for m in models if m.is_default]
         if not found:
@@ -277,7 +213,7 @@ def _replay(args: argparse.Namespace, client: Client, plan: Plan) -> int:
         *(f"output_{i}" for i in range(plan.output_size)),
         "error",
     ]
-    out, writer = _open_out(args.out, header, append=plan.resumed)
+    out, writer, appended = _open_out(args.out, header, append=plan.resumed)
     results: list[tuple[Row, StepReply]] = []
     errors = 0
     started = time.monotonic()
@@ -322,18 +258,49 @@ def _replay(args: argparse.Namespace, client: Client, plan: Plan) -> int:
         file=sys.stderr,
     )
     if args.plot is not None:
-        plot(results, table.value_cols[0], args.plot, model=model, last=args.plot_last)
+        _plot(args, plan, results, appended=appended)
     return EXIT_ROW_ERRORS if errors else 0
 
 
-def _open_out(path: Path | None, header: list[str], *, append: bool) -> tuple[TextIO | None, Any]:
-    """The answers' CSV, line-buffered so an interrupted replay leaves every answer it received.
+def _plot(
+    args: argparse.Namespace, plan: Plan, results: Sequence[tuple[Row, StepReply]], *, appended: bool
+) -> None:
+    """Draw every answer known: a resumed replay that appended to --out draws that whole file, so
+    the rows applied by earlier runs are on the plot too; where they are not, the note says why."""
+    table = plan.table
+    earlier = len(table.rows) - len(plan.rows)
+    if appended:
+        answered = answers_in(args.out, table)
+    else:
+        answered = [
+            answered_by(row, reply.step, reply.output) for row, reply in results if reply.error is None
+        ]
+    if earlier and not appended:
+        where = f"were not in {args.out}" if args.out else "are in no --out file of this run"
+        why = f"the {earlier} rows applied by an earlier run {where}"
+        if not answered:
+            print(
+                f"cellstream replay: no plot written: {why}; rerun with that run's --out FILE to plot it",
+                file=sys.stderr,
+            )
+            return
+        print(f"cellstream replay: the plot shows only this run's rows: {why}", file=sys.stderr)
+    if not answered:
+        print("cellstream replay: no plot written: no row was answered", file=sys.stderr)
+        return
+    labels = Labels(table.value_cols[0], table.time_col, args.unit)
+    plot(answered, labels, args.plot, model=plan.model, last=args.plot_last)
+
+
+def _open_out(path: Path | None, header: list[str], *, append: bool) -> tuple[TextIO | None, Any, bool]:
+    """The answers' CSV, line-buffered so an interrupted replay leaves every answer it received,
+    and whether it was appended to.
 
     A resumed replay appends to the file of the run it continues (when it has the same columns),
     so running the same command again completes the same file.
     """
     if path is None:
-        return None, None
+        return None, None, False
     if append and path.is_file():
         with path.open(newline="") as existing:
             append = next(csv.reader(existing), None) == header
@@ -343,7 +310,7 @@ def _open_out(path: Path | None, header: list[str], *, append: bool) -> tuple[Te
     writer = csv.writer(out, lineterminator="\n")
     if not append:
         writer.writerow(header)
-    return out, writer
+    return out, writer, append
 
 
 def _csv_row(row: Row, reply: StepReply, output_size: int) -> list[object]:
@@ -351,57 +318,3 @@ def _csv_row(row: Row, reply: StepReply, output_size: int) -> list[object]:
         code, message = reply.error
         return [row.stream, row.index, "", *row.values, *[""] * output_size, f"{code.name}: {message}"]
     return [row.stream, row.index, reply.step, *row.values, *(f"{v:.9g}" for v in reply.output), ""]
-
-
-def plot(
-    results: Sequence[tuple[Row, StepReply]], value_col: str, path: Path, *, model: str = "", last: int = 0
-) -> None:
-    """Readings against predictions per stream: the answer at row t is drawn at row t + 1.
-
-    The top panel assumes answer[0] forecasts the first value column's next reading; the bottom
-    one shows |reading - prediction| and the answer's other values (e.g. an expected error), also
-    shifted by one row. At most PLOT_MAX_STREAMS streams are drawn; the image is always
-    PLOT_WIDTH_PX wide and PLOT_STREAM_HEIGHT_PX high per stream drawn.
-    """
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    by_stream: dict[str, list[tuple[Row, StepReply]]] = {}
-    for row, reply in results:
-        if reply.error is None:
-            by_stream.setdefault(row.stream, []).append((row, reply))
-    streams = list(by_stream)[:PLOT_MAX_STREAMS] or ["(no rows)"]
-    size = (PLOT_WIDTH_PX / PLOT_DPI, PLOT_STREAM_HEIGHT_PX * len(streams) / PLOT_DPI)
-    figure = plt.figure(figsize=size, dpi=PLOT_DPI, layout="constrained")
-    grid = figure.add_gridspec(2 * len(streams), 1, height_ratios=[3, 1] * len(streams))
-    for k, stream in enumerate(streams):
-        top = figure.add_subplot(grid[2 * k])
-        bottom = figure.add_subplot(grid[2 * k + 1], sharex=top)
-        pairs = by_stream.get(stream, [])
-        pairs = pairs[-last:] if last > 0 else pairs
-        readings = [row.values[0] for row, _ in pairs]
-        top.plot([r.step for _, r in pairs], readings, color="0.25", lw=1.0, label=f"reading ({value_col})")
-        # A prediction pairs with the reading it forecast only across consecutive steps.
-        shifted = [
-            (b.step, b_row.values[0], a.output)
-            for (_, a), (b_row, b) in itertools.pairwise(pairs)
-            if b.step == a.step + 1
-        ]
-        if shifted:
-            steps = [step for step, _, _ in shifted]
-            predicted = [float(answer[0]) for _, _, answer in shifted]
-            label = "prediction (answer[0] one step earlier)"
-            top.plot(steps, predicted, color="tab:orange", lw=1.0, label=label)
-            residual = [abs(v - p) for (_, v, _), p in zip(shifted, predicted, strict=True)]
-            bottom.plot(steps, residual, color="tab:red", lw=0.8, label="|reading - prediction|")
-            for j in range(1, len(shifted[0][2])):
-                extra = [float(answer[j]) for _, _, answer in shifted]
-                bottom.plot(steps, extra, lw=1.0, label=f"answer[{j}] one step earlier")
-            bottom.legend(loc="upper left", fontsize="small")
-        top.set_title(f"stream {stream}" + (f", model {model}" if model else ""))
-        top.legend(loc="upper left", fontsize="small")
-        bottom.set_xlabel("step")
-    figure.savefig(path, dpi=PLOT_DPI)
-    plt.close(figure)
