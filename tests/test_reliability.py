@@ -212,7 +212,7 @@ def test_d3_a_stream_call_that_never_reads_its_replies_does_not_grow_server_memo
         "/cellstream.v1.CellStream/StepStream", request_serializer=lambda m: m, response_deserializer=None
     )(requests())
     try:
-        wait_for(lambda: sent[0] >= 300, timeout=60)  # the window (256) is full: the server stopped reading
+        wait_for(lambda: sent[0] >= 250, timeout=60)  # (the server stops reading at its window, 256)
         grown = process.memory_info().rss - before
         assert grown < 200 << 20, f"server RSS grew {grown >> 20} MB for {sent[0]} unread 2 MB messages"
     finally:

@@ -52,6 +52,7 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"cellstream-{model.name}")
         self._task: asyncio.Task[None] | None = None
         self._in_hand = Plan()  # the plan being run, failed as a whole if the batcher itself breaks
+        self._runs = 0  # plans run: a run's id in traces
         # While set and not done, no work runs (a new version waiting for its streams to arrive).
         self.hold: asyncio.Future[None] | None = None
         name = model.name
@@ -274,15 +275,27 @@ class Batcher:
         ended: list[str] = []
         names = self.store.names
         singles = len(plan.singles)
+        self._runs += 1
         if singles:
-            run = RunOutput(ran.outputs, ran.states, names, self.model.layout)
+            layout = self.model.layout
+            run = RunOutput(
+                ran.outputs, ran.states, names, layout, self._runs, ran.started, ran.started_ns, ran.ended_ns
+            )
             steps = ran.steps[:singles].tolist()
             for position, work in enumerate(plan.singles):
                 if work.end:
                     ended.append(work.stream_id)
                 if not work.future.done():
                     work.future.set_result(
-                        StepResult(work.stream_id, run, position, steps[position], work.want_state)
+                        StepResult(
+                            work.stream_id,
+                            run,
+                            position,
+                            steps[position],
+                            work.want_state,
+                            False,
+                            work.enqueued,
+                        )
                     )
         for progress, take, offset in plan.pieces:
             start, end = singles + offset, singles + offset + len(take)

@@ -29,6 +29,9 @@ class Ran:
     outputs: np.ndarray
     states: list[np.ndarray]
     steps: np.ndarray
+    started: float  # perf_counter
+    started_ns: int  # wall clock, for traces
+    ended_ns: int
 
 
 class Runner:
@@ -54,7 +57,7 @@ class Runner:
 
     def run(self, plan: Plan) -> Ran:
         """Gather, run, scatter; raises (having written nothing) if any run fails."""
-        started = time.perf_counter()
+        started, started_ns = time.perf_counter(), time.time_ns()
         store = self.store
         rows_parts, x_parts, step_parts = plan.piece_rows, plan.piece_x, plan.piece_steps
         if plan.singles:
@@ -90,7 +93,7 @@ class Runner:
         store.replayable[rows] = True
         store.last_seen[rows] = time.monotonic()
         self._m_compute.observe(time.perf_counter() - started)
-        return Ran(outputs, next_states, steps)
+        return Ran(outputs, next_states, steps, started, started_ns, time.time_ns())
 
     def _run_chunks(
         self, x: np.ndarray, gather: Callable[[int, int], list[np.ndarray]], *, parallel: bool

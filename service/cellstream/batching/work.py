@@ -39,6 +39,12 @@ class RunOutput:
     states: list[np.ndarray]  # per state: (n, *shape) float32
     names: tuple[str, ...]
     layout: ReplyLayout
+    # When the run ran (wall clock, ns; 0 for a replayed reply), for traces; `started` is the
+    # same instant on perf_counter, to tell a reading's queue wait.
+    run_id: int = 0
+    started: float = 0.0
+    started_ns: int = 0
+    ended_ns: int = 0
     # Kept for a protocol layer that derives something once per run (its encoded rows) rather
     # than once per reply; the batcher never reads it.
     memo: Any = None
@@ -54,6 +60,16 @@ class StepResult:
     step: int
     want_state: bool = True
     replayed: bool = False
+    enqueued: float = 0.0  # perf_counter when its work was queued
+
+    @property
+    def size(self) -> int:
+        """Readings in the run that answered this one."""
+        return len(self.run.outputs)
+
+    @property
+    def queue_ms(self) -> float:
+        return max(0.0, (self.run.started - self.enqueued) * 1000) if self.run.started else 0.0
 
     @property
     def output(self) -> np.ndarray:

@@ -26,6 +26,7 @@ from cellstream.ids import MAX_ID_BYTES
 from cellstream.protocols.access_log import AccessLog
 from cellstream.protocols.cellstream_v1_wire import STEP_METADATA, StepReplies, batch_reply
 from cellstream.protocols.status import Context, Malformed, RequestMetrics, code_of, deadline_of, parser, rpc
+from cellstream.protocols.tracing import Tracing
 
 EXPORT_CHUNK = 1 << 20  # bytes per SnapshotChunk message
 UNNAMED = "\x00"  # a model label no served model has: counted as "unknown"
@@ -141,13 +142,20 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
     """Translates each RPC into one engine call."""
 
     def __init__(
-        self, engine: Engine, durability: Durability, stream_window: int = 1024, *, access_log: bool = False
+        self,
+        engine: Engine,
+        durability: Durability,
+        stream_window: int = 1024,
+        *,
+        access_log: bool = False,
+        tracing: Tracing | None = None,
     ) -> None:
         self.engine = engine
         self.durability = durability
         self.stream_window = stream_window
         self.request_metrics = RequestMetrics(engine)
         self.access_log = AccessLog() if access_log else None
+        self.tracing = tracing
         self._replies = StepReplies()
 
     def _queue(self, sink: Sink[StepResult], request: pb.StepRequest, deadline: float | None) -> None:
@@ -169,7 +177,10 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
     async def Step(self, request: pb.StepRequest, context: Context) -> bytes:
         future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
         self._queue(future, request, deadline_of(context))
-        return self._replies.encode(await future, request.request_id)
+        result = await future
+        if self.tracing is not None:
+            self.tracing.run(result)
+        return self._replies.encode(result, request.request_id)
 
     async def StepStream(
         self, request_iterator: AsyncIterator[pb.StepRequest | Malformed], context: Context

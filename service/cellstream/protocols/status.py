@@ -3,6 +3,7 @@ handler the same way."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import time
@@ -14,6 +15,7 @@ import grpc
 from cellstream import errors, metrics
 from cellstream.engine import Engine
 from cellstream.protocols.access_log import AccessLog
+from cellstream.protocols.tracing import Tracing
 
 Context = grpc.aio.ServicerContext[Any, Any]
 Req = TypeVar("Req")
@@ -101,23 +103,30 @@ def parser(message_type: Any) -> Callable[[bytes], Any]:
 class Servicer(Protocol):
     request_metrics: RequestMetrics
     access_log: AccessLog | None
+    tracing: Tracing | None
 
 
-def _finished(
-    self: Servicer,
-    context: Context,
-    request: Any,
-    *,
-    method: str,
-    model: str | None,
-    code: grpc.StatusCode,
-    started: float,
-) -> None:
-    """Count (and with --access-log, log) one finished call."""
-    elapsed = self.request_metrics.observe(method, model, code, started)
-    if self.access_log is not None:
-        request_id = getattr(request, "request_id", 0)
-        self.access_log.record(method, model, code, elapsed, context.peer(), request_id=request_id)
+class _Call:
+    """One call being served: its start, its span (with tracing on), and how it is counted."""
+
+    __slots__ = ("context", "method", "request", "servicer", "span", "started")
+
+    def __init__(self, servicer: Servicer, method: str, request: Any, context: Context) -> None:
+        self.servicer, self.method, self.request, self.context = servicer, method, request, context
+        self.started = time.perf_counter()
+        tracing = servicer.tracing
+        self.span = None if tracing is None else tracing.start(method, context)
+
+    def finish(self, model: str | None, code: grpc.StatusCode) -> None:
+        """Count (and with --access-log, log; with tracing, end the span of) the finished call."""
+        servicer = self.servicer
+        elapsed = servicer.request_metrics.observe(self.method, model, code, self.started)
+        if servicer.access_log is not None:
+            request_id = getattr(self.request, "request_id", 0)
+            peer = self.context.peer()
+            servicer.access_log.record(self.method, model, code, elapsed, peer, request_id=request_id)
+        if self.span is not None and servicer.tracing is not None:
+            servicer.tracing.finish(self.span, model, code)
 
 
 async def abort(
@@ -136,72 +145,53 @@ def rpc(
     reply_model: Callable[[Any], str] | None = None,
     trailing: Callable[[errors.CellStreamError], Any] = lambda error: (),
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Wrap a handler (a coroutine, or an async generator for a streamed reply): time it, label it
-    by `model(request)` (None: the RPC names no model; `reply_model(reply)` on success, where the
-    reply knows better), and turn a
-    domain error into its status code, with `trailing(error)` as trailing metadata."""
+    """Wrap a handler (a coroutine, or an async generator for a streamed reply): time it, trace it,
+    label it by `model(request)` (None: the RPC names no model; `reply_model(reply)` on success,
+    where the reply knows better), and turn a domain error into its status code, with
+    `trailing(error)` as trailing metadata."""
 
     def label_of(request: Any) -> str | None:
         return None if request.__class__ is Malformed else model(request)
+
+    async def failed(call: _Call, context: Context, exc: BaseException) -> None:
+        if isinstance(exc, errors.CellStreamError):
+            call.finish(label_of(call.request), code_of(exc))
+            await abort(context, exc, trailing)
+        else:  # cancelled, or a bug grpc answers as UNKNOWN: still counted, its span ended
+            cancelled = isinstance(exc, asyncio.CancelledError)
+            call.finish(
+                label_of(call.request), grpc.StatusCode.CANCELLED if cancelled else grpc.StatusCode.UNKNOWN
+            )
 
     def wrap(handler: Callable[..., Any]) -> Callable[..., Any]:
         if inspect.isasyncgenfunction(handler):
 
             @functools.wraps(handler)
             async def streamed(self: Servicer, request: Any, context: Context) -> AsyncIterator[Any]:
-                started = time.perf_counter()
+                call = _Call(self, method, request, context)
                 try:
                     if request.__class__ is Malformed:
                         raise request.error()
                     async for reply in handler(self, request, context):
                         yield reply
-                except errors.CellStreamError as exc:
-                    _finished(
-                        self,
-                        context,
-                        request,
-                        method=method,
-                        model=label_of(request),
-                        code=code_of(exc),
-                        started=started,
-                    )
-                    await abort(context, exc, trailing)
+                except BaseException as exc:
+                    await failed(call, context, exc)
                     raise
-                _finished(
-                    self,
-                    context,
-                    request,
-                    method=method,
-                    model=model(request),
-                    code=grpc.StatusCode.OK,
-                    started=started,
-                )
+                call.finish(model(request), grpc.StatusCode.OK)
 
             return streamed
 
         @functools.wraps(handler)
         async def unary(self: Servicer, request: Any, context: Context) -> Any:
-            started = time.perf_counter()
+            call = _Call(self, method, request, context)
             try:
                 if request.__class__ is Malformed:
                     raise request.error()
                 reply = await handler(self, request, context)
-            except errors.CellStreamError as exc:
-                _finished(
-                    self,
-                    context,
-                    request,
-                    method=method,
-                    model=label_of(request),
-                    code=code_of(exc),
-                    started=started,
-                )
-                await abort(context, exc, trailing)
-                raise  # abort raised already; this keeps type checkers honest
-            label = model(request) if reply_model is None else reply_model(reply)
-            _finished(
-                self, context, request, method=method, model=label, code=grpc.StatusCode.OK, started=started
-            )
+            except BaseException as exc:
+                await failed(call, context, exc)
+                raise  # (abort raised already for a domain error)
+            call.finish(model(request) if reply_model is None else reply_model(reply), grpc.StatusCode.OK)
             return reply
 
         return unary
