@@ -13,6 +13,7 @@ import logging
 import os
 import resource
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -22,14 +23,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from cellstream import metrics
+from cellstream import logs, metrics
 from cellstream._proto.cellstream.v1 import cellstream_pb2 as pb
-from cellstream.config import Settings
+from cellstream.config import SettingError, Settings, names_of
 from cellstream.durability import Durability
 from cellstream.engine import Engine
 from cellstream.model import ModelRepository
 from cellstream.protocols.cellstream_v1 import CellStreamServicer, add_to_server
 from cellstream.protocols.prometheus_http import MetricsEndpoint
+from cellstream.protocols.tracing import Tracing
 from cellstream.streams.snapshot import SnapshotDir
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,19 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CellStream"].full_name
 def split_address(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def bind_failure(address: str) -> str:
+    """Why an address cannot be listened on, as the OS says it (grpc's exception does not)."""
+    host, port = split_address(address)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc binds
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return "gRPC could not bind it"
 
 
 # File descriptors kept free of client connections: snapshot files, the metrics endpoint, model
@@ -100,6 +115,7 @@ class Server:
         self._tasks: list[asyncio.Task[None]] = []
         self.engine: Engine | None = None
         self.durability: Durability | None = None
+        self._tracing = Tracing(settings.otlp_endpoint) if settings.otlp_endpoint else None
 
     async def start(self) -> None:
         started = time.perf_counter()
@@ -114,21 +130,44 @@ class Server:
             self._restore(self._snapshots)
         self.engine.start()
         server = grpc.aio.server(options=grpc_options(settings))
-        add_to_server(CellStreamServicer(self.engine, self.durability, settings.stream_window), server)
+        servicer = CellStreamServicer(
+            self.engine,
+            self.durability,
+            settings.stream_window,
+            access_log=settings.access_log,
+            tracing=self._tracing,
+        )
+        add_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )
         host, _ = split_address(settings.address)
-        port = server.add_insecure_port(settings.address)
+        try:
+            port = server.add_insecure_port(settings.address)
+        except RuntimeError:  # grpc's text says only "Failed to bind"
+            port = 0
         if port == 0:
-            raise SystemExit(f"cannot listen on {settings.address}")
+            await server.stop(None)
+            await self.engine.stop()
+            raise SettingError(
+                f"cannot listen on {settings.address} ({bind_failure(settings.address)}): "
+                f"choose another address with {names_of('address')}"
+            )
         self.address = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
         await server.start()
         self._grpc = server
         if settings.metrics_address:
             metrics_host, metrics_port = split_address(settings.metrics_address)
-            self._metrics_http = MetricsEndpoint(metrics_host, metrics_port, metrics.REGISTRY)
+            try:
+                self._metrics_http = MetricsEndpoint(metrics_host, metrics_port, metrics.REGISTRY)
+            except OSError as exc:
+                await server.stop(None)
+                await self.engine.stop()
+                raise SettingError(
+                    f"cannot serve metrics on {settings.metrics_address} ({exc.strerror or exc}): choose "
+                    f"another address with {names_of('metrics_address')}, or '' for none"
+                ) from None
             self.metrics_address = f"{metrics_host}:{self._metrics_http.port}"
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -237,6 +276,8 @@ class Server:
         await self.engine.stop()
         if self._metrics_http is not None:
             self._metrics_http.close()
+        if self._tracing is not None:
+            await asyncio.to_thread(self._tracing.shutdown)  # (sends the spans still buffered)
         log.info("stopped")
 
 
@@ -272,9 +313,7 @@ def tune_allocator() -> bool:
 
 
 def run(settings: Settings) -> int:
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(settings.log_level, settings.log_format)
     if settings.tune_malloc:
         tune_allocator()
     loop_factory = None

@@ -24,7 +24,7 @@ class AccessLog:
     ) -> None:
         fields: dict[str, Any] = {
             "method": method,
-            "model": model if model is None or len(model) <= 64 else model[:64] + "...",
+            "model": model,
             "code": code.name,
             "duration_ms": round(seconds * 1000, 3),
             "peer": peer,

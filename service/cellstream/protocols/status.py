@@ -54,14 +54,19 @@ class RequestMetrics:
         self._engine = engine
         self._children: dict[tuple[str, str | None, grpc.StatusCode], Any] = {}
 
+    def label(self, model: str | None) -> str:
+        """The model label of a request's `model` field: a served model's name ("" = the default
+        model), "none" for an RPC that names no model (None), "unknown" for anything else."""
+        if model is None:
+            return metrics.NO_MODEL
+        name = model or self._engine.default_model or ""
+        return name if self._engine.serves(name) else "unknown"
+
     def observe(self, method: str, model: str | None, code: grpc.StatusCode, started: float) -> float:
-        """`model`: the request's model field ("" = the default model), None for an RPC that
-        names no model (labelled "none", not counted under the default model)."""
         elapsed = time.perf_counter() - started
         child = self._children.get((method, model, code))
         if child is None:
-            name = metrics.NO_MODEL if model is None else model or self._engine.default_model or ""
-            label = name if model is None or self._engine.serves(name) else "unknown"
+            label = self.label(model)
             child = metrics.REQUEST_DURATION.labels(method=method, model=label, code=code.name)
             if label != "unknown":  # never cache per arbitrary client string
                 self._children[(method, model, code)] = child
@@ -123,8 +128,10 @@ class _Call:
         elapsed = servicer.request_metrics.observe(self.method, model, code, self.started)
         if servicer.access_log is not None:
             request_id = getattr(self.request, "request_id", 0)
-            peer = self.context.peer()
-            servicer.access_log.record(self.method, model, code, elapsed, peer, request_id=request_id)
+            label = servicer.request_metrics.label(model)
+            servicer.access_log.record(
+                self.method, label, code, elapsed, self.context.peer(), request_id=request_id
+            )
         if self.span is not None and servicer.tracing is not None:
             servicer.tracing.finish(self.span, model, code)
 

@@ -5,18 +5,25 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from cellstream import __version__
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from cellstream.config import settings_from  # noqa: PLC0415 - keep `cellstream --help` fast
+    from cellstream.config import SettingError, settings_from  # noqa: PLC0415 - keep `--help` fast
+
+    try:
+        settings = settings_from(args)
+    except SettingError as exc:  # refused before anything (even the server's imports) starts
+        print(f"cellstream serve: {exc}", file=sys.stderr)
+        return 2
     from cellstream.errors import ModelLoadError  # noqa: PLC0415
     from cellstream.server import run  # noqa: PLC0415
 
     try:
-        return run(settings_from(args))
-    except ModelLoadError as exc:
+        return run(settings)
+    except (ModelLoadError, SettingError) as exc:  # a start-up failure: one line, no traceback
         print(f"cellstream: cannot serve: {exc}", file=sys.stderr)
         return 2
 
@@ -76,16 +83,25 @@ def _state_import(args: argparse.Namespace) -> int:
     return 0
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A usage error is one line on stderr and exit 2: `serve`'s usage alone would fill a screen."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from cellstream.config import add_arguments  # noqa: PLC0415
 
-    parser = argparse.ArgumentParser(
-        prog="cellstream", description="Streaming inference for recurrent cells."
-    )
+    parser = OneLineParser(prog="cellstream", description="Streaming inference for recurrent cells.")
     parser.add_argument("--version", action="version", version=f"cellstream {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run the gRPC server")
+    serve = commands.add_parser(
+        "serve",
+        help="run the gRPC server",
+        description="Every setting is a flag and a CELLSTREAM_* variable; flags win.",
+    )
     add_arguments(serve)
     serve.set_defaults(func=_serve)
 
