@@ -79,7 +79,7 @@ STREAMS = Gauge(
 )
 MODEL_LOAD_FAILURES = Counter(
     "cellstream_model_load_failures",
-    "New model versions refused at load (the previous version keeps serving).",
+    "Model versions refused at load, at start or on reload (an older version serves, if any).",
     ["model"],
     registry=REGISTRY,
 )

@@ -273,42 +273,57 @@ class CellModel:
 
 def find_model_file(model_dir: Path) -> ModelFile:
     """`<dir>/model.onnx`, or the highest numbered `<dir>/<version>/model.onnx` and its version."""
-    found = _model_file(model_dir)
-    if found is None:
+    found = model_files(model_dir)
+    if not found:
         raise ModelLoadError(f"{model_dir}: no {MODEL_FILE} and no <version>/{MODEL_FILE} inside")
-    return found
+    return found[0]
 
 
-def _is_version(name: str) -> bool:
-    return name.isascii() and name.isdigit()  # str.isdigit alone takes '²' and '٣', which int() refuses
-
-
-def _model_file(model_dir: Path) -> ModelFile | None:
-    """The file a model directory serves; None where it holds no model at all (docs, scripts, a
-    staging `.v2`); ModelLoadError where it looks like a model but cannot be read or served."""
+def model_files(model_dir: Path) -> list[ModelFile]:
+    """The files a model directory can serve, newest first: its `model.onnx`, or each numbered
+    `<version>/model.onnx`. Empty where it holds no model at all (docs, scripts, a staging `.v2`);
+    ModelLoadError where it looks like a model but cannot be read or served."""
     try:
         if not model_dir.is_dir():
-            return None
+            return []
         direct = model_dir / MODEL_FILE
-        if direct.is_file():
-            return direct, None
+        unversioned = direct.is_file()
         candidates = [d.name for d in model_dir.iterdir() if d.is_dir() and (d / MODEL_FILE).is_file()]
     except OSError as exc:
         raise ModelLoadError(
             f"{model_dir}: cannot read it ({one_line(exc)}): make it readable by the server's user, or "
             f"move it out of the model repository"
         ) from exc
-    versions = [name for name in candidates if _is_version(name)]
+    # str.isdigit alone takes '²' and '٣', which int() refuses; '1' sorts above '01', every scan.
+    versions = sorted((n for n in candidates if n.isascii() and n.isdigit()), key=lambda n: (int(n), n))[::-1]
+    if unversioned and versions:
+        # Serving either would silently ignore the other (the unversioned file used to hide them all).
+        free = min(set(range(1, len(versions) + 2)) - {int(v) for v in versions})
+        raise ModelLoadError(
+            f"{model_dir}: holds both {MODEL_FILE} and version directories {versions[::-1]}, and "
+            f"{MODEL_FILE} would hide them: move {direct} into {model_dir / str(free)}/ or delete it"
+        )
+    if unversioned:
+        return [(direct, None)]
     if versions:
-        best = max(versions, key=lambda name: (int(name), name))  # '1' beats '01': the same every scan
-        return model_dir / best / MODEL_FILE, best
+        return [(model_dir / v / MODEL_FILE, v) for v in versions]
     lookalikes = sorted(name for name in candidates if name.isdigit())
     if lookalikes:
         raise ModelLoadError(
             f"{model_dir}: version directories {lookalikes} are not named with the ASCII digits 0-9: "
             f"rename each to its version number (e.g. '2')"
         )
-    return None
+    return []
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A version passed over at start because it cannot be loaded, while an older one serves."""
+
+    name: str
+    path: Path
+    version: str | None
+    error: ModelLoadError
 
 
 class ModelRepository:
@@ -320,12 +335,11 @@ class ModelRepository:
         self.root = root
         self.intra_op_threads = intra_op_threads
         self.models: dict[str, CellModel] = {}
-        for name, found in self.scan().items():
+        self.refused: list[Refusal] = []
+        for name, found in self.scan_versions().items():
             if isinstance(found, ModelLoadError):
                 raise found
-            path, version = found
-            self.models[name] = self.load(name, path, version)
-            log.info("loaded model %s version %s from %s", name, self.models[name].version, path)
+            self.models[name] = self._load_newest(name, found)
         if not self.models:
             raise ModelLoadError(f"model repository {root} holds no model (<name>/model.onnx)")
         self.default = self._pick_default(default_model)
@@ -333,6 +347,10 @@ class ModelRepository:
     def scan(self) -> dict[str, ModelFile | ModelLoadError]:
         """What the directory holds now: each model's highest version file (nothing is loaded), or
         the error of a directory that looks like a model but cannot be one (reported, not skipped)."""
+        return {n: f if isinstance(f, ModelLoadError) else f[0] for n, f in self.scan_versions().items()}
+
+    def scan_versions(self) -> dict[str, list[ModelFile] | ModelLoadError]:
+        """Like scan, with every version file of each model, newest first."""
         try:
             model_dirs = sorted(self.root.iterdir())
         except OSError as exc:
@@ -340,18 +358,35 @@ class ModelRepository:
                 f"cannot list model repository {self.root} ({one_line(exc)}): make it readable by the "
                 f"server's user"
             ) from exc
-        found: dict[str, ModelFile | ModelLoadError] = {}
+        found: dict[str, list[ModelFile] | ModelLoadError] = {}
         for model_dir in model_dirs:
             if model_dir.name.startswith((".", "_")):
                 continue
             try:
-                model_file = _model_file(model_dir)
+                files = model_files(model_dir)
             except ModelLoadError as exc:
                 found[model_dir.name] = exc
                 continue
-            if model_file is not None:
-                found[model_dir.name] = model_file
+            if files:
+                found[model_dir.name] = files
         return found
+
+    def _load_newest(self, name: str, files: list[ModelFile]) -> CellModel:
+        """The newest version of `files` that loads, the ones above it kept in `refused`: a broken
+        newest version must not stop a restart (a pod would crash-loop) while an older one works."""
+        refused: list[Refusal] = []
+        for path, version in files:
+            try:
+                model = self.load(name, path, version)
+            except ModelLoadError as exc:
+                refused.append(Refusal(name, path, version, exc))
+                continue
+            self.refused += refused
+            return model
+        if len(refused) == 1:
+            raise refused[0].error
+        reasons = "; ".join(str(r.error) for r in refused)  # each names its file
+        raise ModelLoadError(f"no version of model {name} can be loaded: {reasons}")
 
     def load(self, name: str, path: Path, version: str | None) -> CellModel:
         return CellModel(path, name=name, version=version, intra_op_threads=self.intra_op_threads)

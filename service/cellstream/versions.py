@@ -1,14 +1,17 @@
 """The loaded model versions: which one takes new streams, where each stream lives, hot reload.
 
 Each (model, version) has its own StateStore and Batcher. New streams start on a model's current
-version; a stream stays on the version it started with until it ends or is reset (then it moves
-to the current version), unless `--migrate-streams` moves live streams, with their state, to a
-new version that declares the same states. A version with no streams left is unloaded.
+version, the newest one on disk that loads; a stream stays on the version it started with until
+it ends or is reset (then it moves to the current version), unless `--migrate-streams` moves live
+streams, with their state, to a new version that declares the same states. Deleting the current
+version's directory rolls back: new streams go to the highest version left, and the deleted one
+serves its streams from memory until they end. A version with no streams left is unloaded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,11 +25,17 @@ from cellstream.batching.policy import BatchPolicy
 from cellstream.batching.work import ControlWork
 from cellstream.config import Settings
 from cellstream.errors import BadInput, ModelLoadError, UnknownModel, WrongModel, quoted
-from cellstream.model import CONFIG_FILE, CellModel, ModelRepository
+from cellstream.model import CONFIG_FILE, CellModel, ModelFile, ModelRepository
+from cellstream.model_config import one_line
 from cellstream.streams.directory import ModelKey, StreamDirectory
 from cellstream.streams.store import StateStore
 
 log = logging.getLogger(__name__)
+
+_Key = tuple[str, str | None]
+"""Whose files were refused: (model, version directory), None for `<name>/model.onnx` or the
+model directory itself."""
+_REPOSITORY: _Key = ("/", None)  # the repository itself: no model is named '/'
 
 
 @dataclass(frozen=True)
@@ -48,10 +57,13 @@ class Deployment:
         self.directory = StreamDirectory(settings.max_streams)
         self.batchers: dict[ModelKey, Batcher] = {}
         self.current: dict[str, Batcher] = {}
-        self._refused: dict[str, _Seen] = {}
+        self._refused: dict[_Key, _Seen] = {}
+        self._gone: set[ModelKey] = set()  # current versions deleted from disk, none left to take over
         self._started = False
         for model in repository.models.values():
             self.current[model.name] = self._add(model)
+        for refusal in repository.refused:  # passed over at start: counted, and not retried unchanged
+            self._refuse(refusal.name, self._seen(refusal.version, refusal.path), refusal.error)
 
     def _add(self, model: CellModel) -> Batcher:
         key: ModelKey = (model.name, model.version)
@@ -65,6 +77,19 @@ class Deployment:
         )
         if self._started:
             batcher.start()
+        # The batcher caps a config's max_batch at the server's: say so, or it looks like a slow model.
+        capped = model.config_max_batch is not None and model.config_max_batch > batcher.max_batch
+        log.log(
+            logging.WARNING if capped else logging.INFO,
+            "loaded model %s version %s from %s%s",
+            model.name,
+            model.version,
+            model.path,
+            f" ({CONFIG_FILE} max_batch {model.config_max_batch} is capped at the server's --max-batch "
+            f"{batcher.max_batch})"
+            if capped
+            else "",
+        )
         return batcher
 
     def start(self) -> None:
@@ -152,61 +177,117 @@ class Deployment:
         return problems
 
     async def reload(self) -> None:
-        """Load each model's new highest version found on disk. Each model is tried on its own: one
-        that fails, whatever it raises, is logged and counted once per state of its files, and
-        neither its served version nor any other model is touched."""
-
-        def refuse(name: str, seen: _Seen, problem: Exception) -> None:
-            if self._refused.get(name) == seen:
-                return
-            self._refused[name] = seen
-            metrics.MODEL_LOAD_FAILURES.labels(model=name).inc()
-            stays = "the served version stays" if name in self.current else "it is not served"
-            # A ModelLoadError says what to fix; anything else is a bug here, so keep its traceback.
-            trace = None if isinstance(problem, ModelLoadError) else problem
-            log.error(
-                "refused model %s version %s: %s (%s)", name, seen.version, problem, stays, exc_info=trace
-            )
-
+        """Bring each model to the newest version on disk that loads: a new one, or the highest one
+        left once the current one is deleted (a roll-back). Each model is tried on its own: a
+        version that fails, whatever it raises, is logged and counted once per state of its files,
+        and neither its model's current version nor any other model is touched."""
         root = self.repository.root
         try:
-            found = self.repository.scan()
+            found = self.repository.scan_versions()
         except ModelLoadError as exc:  # the repository itself cannot be listed: nothing can load
             seen = self._file_state(None, root)
-            if self._refused.get("/") != seen:  # "/": no model's name (a directory name has no '/')
-                self._refused["/"] = seen
+            if self._refused.get(_REPOSITORY) != seen:
+                self._refused[_REPOSITORY] = seen
                 log.error("cannot look for new model versions: %s (the served models stay)", exc)
             return
-        self._refused.pop("/", None)
-        for name, entry in found.items():
+        self._refused.pop(_REPOSITORY, None)
+        for name in sorted(found.keys() | self.current.keys()):  # a served model may be gone from disk
+            entry = found.get(name, [])
             if isinstance(entry, ModelLoadError):
-                refuse(name, self._file_state(None, root / name), entry)
+                self._refuse(name, self._file_state(None, root / name), entry)
                 continue
-            path, version = entry
-            current = self.current.get(name)
-            if (
-                current is not None
-                and current.model.version == (version or current.model.version)
-                and (version is not None or current.model.path == path)
-            ):
-                self._refused.pop(name, None)  # what is on disk is what is served: nothing refused
-                continue
-            seen = self._file_state(version, path, path.parent / CONFIG_FILE)
-            if self._refused.get(name) == seen:
+            on_disk = {version for _, version in entry}
+            for key in [k for k in self._refused if k[0] == name and k[1] not in on_disk]:
+                del self._refused[key]  # its files are gone, or the directory's problem is fixed
+            await self._update(name, entry)
+        await self.prune()
+
+    async def _update(self, name: str, files: list[ModelFile]) -> None:
+        """Make the newest of `files` (newest first) that loads take new streams; while the current
+        version's files are there, only the versions above it are tried."""
+        current = self.current.get(name)
+        for path, version in files:
+            if current is not None and _serves(current.model, path, version):
+                self._gone.discard(current.key)
+                return
+            seen = self._seen(version, path)
+            if self._refused.get((name, version)) == seen:
                 continue
             try:
-                model = await asyncio.to_thread(self.repository.load, name, path, version)
-                if current is not None and (model.version, model.sha256) == (
-                    current.model.version,
-                    current.model.sha256,
-                ):
-                    continue
-                await self.activate(model)
+                await self._take(name, path, version, current)
             except Exception as exc:  # one model's failure must not keep the others from loading
-                refuse(name, seen, exc)
+                self._refuse(name, seen, exc)
                 continue
-            self._refused.pop(name, None)
-        await self.prune()
+            self._refused.pop((name, version), None)
+            return
+        if current is not None and current.key not in self._gone:
+            self._gone.add(current.key)
+            log.warning(
+                "model %s version %s is gone from disk and no version left there loads: it keeps "
+                "serving from memory",
+                name,
+                current.model.version,
+            )
+
+    async def _take(self, name: str, path: Path, version: str | None, current: Batcher | None) -> None:
+        """Send new streams to the version in `path`: loaded from disk, or taken back from memory
+        when it is still loaded (streams left on it) and its model.onnx is unchanged."""
+        loaded = self.batchers.get((name, version)) if version is not None else None
+        if loaded is None:
+            model = await asyncio.to_thread(self.repository.load, name, path, version)
+            if current is not None and (model.version, model.sha256) == (
+                current.model.version,
+                current.model.sha256,
+            ):
+                return  # the current version's files, moved: nothing changes
+            loaded = self.batchers.get((name, model.version))
+            if loaded is None:
+                if current is not None and _older(model.version, current.model.version):
+                    self._switch(self._add(model), current)  # a roll-back moves no stream
+                else:
+                    await self.activate(model)
+                return
+        if await asyncio.to_thread(_sha256, path) != loaded.model.sha256:
+            raise ModelLoadError(
+                f"{path}: version {loaded.model.version} is still loaded from other files "
+                f"({len(loaded.store)} streams on it): publish these files as a new version"
+            )
+        self._switch(loaded, current)
+
+    def _switch(self, batcher: Batcher, old: Batcher | None) -> None:
+        """Send new streams to a loaded version; those on the old one stay there until they end."""
+        if batcher is old:
+            return
+        self.current[batcher.model.name] = batcher
+        if old is None or not _older(batcher.model.version, old.model.version):
+            log.info("model %s version %s now takes new streams", batcher.model.name, batcher.model.version)
+            return
+        log.warning(
+            "model %s version %s is gone from disk: rolled back, version %s takes new streams; the %d "
+            "streams on version %s stay there until they end",
+            batcher.model.name,
+            old.model.version,
+            batcher.model.version,
+            len(old.store),
+            old.model.version,
+        )
+
+    def _refuse(self, name: str, seen: _Seen, problem: Exception) -> None:
+        """Log and count a model's refused files, once per state of those files."""
+        key = (name, seen.version)
+        if self._refused.get(key) == seen:
+            return
+        self._refused[key] = seen
+        metrics.MODEL_LOAD_FAILURES.labels(model=name).inc()
+        current = self.current.get(name)
+        stays = f"version {current.model.version} serves" if current is not None else "it is not served"
+        # A ModelLoadError says what to fix; anything else is a bug here, so keep its traceback.
+        trace = None if isinstance(problem, ModelLoadError) else problem
+        which = f" version {seen.version}" if seen.version is not None else ""
+        log.error("refused model %s%s: %s (%s)", name, which, problem, stays, exc_info=trace)
+
+    def _seen(self, version: str | None, path: Path) -> _Seen:
+        return self._file_state(version, path, path.parent / CONFIG_FILE)
 
     @staticmethod
     def _file_state(version: str | None, *files: Path) -> _Seen:
@@ -270,9 +351,28 @@ class Deployment:
     async def _unload(self, batcher: Batcher) -> None:
         if self.batchers.pop(batcher.key, None) is None:
             return
+        self._gone.discard(batcher.key)
         await batcher.wait_idle()
         await batcher.stop()
         metrics.STREAMS.remove(*batcher.key)
         name = batcher.model.name
         metrics.MODELS_LOADED.labels(model=name).set(sum(1 for k in self.batchers if k[0] == name))
         log.info("unloaded model %s version %s", name, batcher.model.version)
+
+
+def _serves(model: CellModel, path: Path, version: str | None) -> bool:
+    """Whether the file found on disk is the one `model` was loaded from (a version directory is
+    named by its number; an unversioned file by its path)."""
+    return model.version == (version or model.version) and (version is not None or model.path == path)
+
+
+def _older(version: str, than: str) -> bool:
+    numbers = all(v.isascii() and v.isdigit() for v in (version, than))
+    return numbers and int(version) < int(than)
+
+
+def _sha256(path: Path) -> str:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot read it ({one_line(exc)}): make it a readable file") from exc

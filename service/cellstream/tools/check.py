@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cellstream.config import Settings
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -38,6 +40,13 @@ def register(commands: Any) -> None:
     )
     parser.add_argument("path", type=Path, help="a model.onnx file, or a model directory")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random readings and states")
+    parser.add_argument(
+        "--max-batch",
+        type=_positive,
+        default=Settings.max_batch,
+        help="the server's --max-batch, which caps a config.json max_batch above it "
+        f"(default {Settings.max_batch}, the server's default)",
+    )
     parser.set_defaults(func=_run)
 
 
@@ -49,7 +58,7 @@ def _run(args: argparse.Namespace) -> int:
     except ModelLoadError as exc:
         print(f"cannot be served: {exc}", file=sys.stderr)
         return EXIT_UNSERVABLE
-    print(describe(model))
+    print(describe(model, max_batch=args.max_batch))
     try:
         result = check_rows(model, seed=args.seed)
     except Exception as exc:  # onnxruntime raises its own types; any of them means "not servable"
@@ -65,7 +74,7 @@ def _run(args: argparse.Namespace) -> int:
 def load(path: Path) -> CellModel:
     """The model the server would load from `path` (a model.onnx, or a directory holding one)."""
     from cellstream.errors import ModelLoadError  # noqa: PLC0415
-    from cellstream.model import CellModel, find_model_file  # noqa: PLC0415
+    from cellstream.model import MODEL_FILE, CellModel, find_model_file  # noqa: PLC0415
 
     if path.is_dir():
         model_file, version = find_model_file(path)
@@ -75,6 +84,8 @@ def load(path: Path) -> CellModel:
     version_dir = path.parent.name
     if version_dir.isascii() and version_dir.isdigit():  # <repo>/<name>/<version>/model.onnx
         return CellModel(path, name=path.parent.parent.name, version=version_dir)
+    if path.name == MODEL_FILE:
+        find_model_file(path.parent)  # refuses a model.onnx beside version directories, as the server does
     return CellModel(path)
 
 
@@ -89,7 +100,15 @@ def opset_of(path: Path) -> str:
     return f"{versions[0]} (IR version {proto.ir_version})" if versions else "unknown"
 
 
-def describe(model: CellModel) -> str:
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def describe(model: CellModel, *, max_batch: int = Settings.max_batch) -> str:
+    """The contract the server would serve; `max_batch` is the server's, which caps the config's."""
     states = "\n".join(
         f"  state   {s.name!r} {list(s.shape)} -> next value in {s.output!r}" for s in model.states
     )
@@ -101,7 +120,12 @@ def describe(model: CellModel) -> str:
         f"  opset   {opset_of(model.path)}",
         f"  sha256  {model.sha256[:16]}",
     ]
-    if model.config_max_batch is not None:
+    if model.config_max_batch is not None and model.config_max_batch > max_batch:
+        lines.append(
+            f"  max_batch {model.config_max_batch} in config.json is capped at the server's --max-batch "
+            f"{max_batch}: at most {max_batch} streams run at once"
+        )
+    elif model.config_max_batch is not None:
         lines.append(f"  max_batch {model.config_max_batch}")
     if model.description:
         lines.append(f"  description: {model.description}")
