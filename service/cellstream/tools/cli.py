@@ -62,6 +62,11 @@ def _models_list(args: argparse.Namespace) -> int:
             f"{name}{default} version {model.version}: reading {model.reading!r} [{model.input_size}], "
             f"answer {model.output!r} [{model.output_size}], states {states}  ({model.path})"
         )
+    for refusal in repository.refused:  # newer versions the server would pass over
+        print(
+            f"cellstream: {refusal.name} version {refusal.version} is not served: {refusal.error}",
+            file=sys.stderr,
+        )
     return 0
 
 
