@@ -275,3 +275,26 @@ def test_server_logs_a_capped_config_max_batch_when_it_loads_the_model(tmp_path:
         ) in server.log()
     finally:
         assert server.stop() == 0, server.log()
+
+
+def test_models_list_says_which_newer_version_would_be_passed_over(tmp_path: Path) -> None:
+    import shutil  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    from support import MODELS as BUNDLED  # noqa: PLC0415
+
+    (tmp_path / "gru").mkdir()
+    shutil.copytree(BUNDLED / "gru", tmp_path / "gru" / "1")
+    (tmp_path / "gru" / "2").mkdir()
+    (tmp_path / "gru" / "2" / "model.onnx").write_bytes(b"not an onnx file")
+    result = subprocess.run(
+        [sys.executable, "-m", "cellstream", "models", "list", "--models", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "gru (default) version 1" in result.stdout
+    assert "gru version 2 is not served" in result.stderr
