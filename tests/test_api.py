@@ -8,7 +8,7 @@ import grpc
 import numpy as np
 import pytest
 
-from cellstream.client import Client, StreamState, step_request
+from cellstream.client import CellStreamError, Client, StreamState, step_request
 from reference import reference_sequence
 from support import MODELS
 
@@ -20,8 +20,8 @@ def new_id(prefix: str = "s") -> str:
     return f"{prefix}-{next(_ids)}"
 
 
-def rpc_error(call: object, *args: object, **kwargs: object) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as info:
+def rpc_error(call: object, *args: object, **kwargs: object) -> CellStreamError:
+    with pytest.raises(CellStreamError) as info:
         call(*args, **kwargs)  # type: ignore[operator]
     return info.value
 
@@ -272,7 +272,7 @@ def test_batch_larger_than_max_batch_is_chunked_in_order(client: Client) -> None
 @pytest.mark.parametrize(
     ("mutate", "code", "words"),
     [
-        (lambda ids, x: (ids, x[:, :7]), grpc.StatusCode.INVALID_ARGUMENT, "bytes"),
+        (lambda ids, x: (ids, x[:, :7]), grpc.StatusCode.INVALID_ARGUMENT, "shape (6, 7)"),
         (lambda ids, x: ([*ids[:2], "", *ids[3:]], x), grpc.StatusCode.INVALID_ARGUMENT, "stream_ids[2]"),
         (
             lambda ids, x: ([*ids[:3], "a\x00b", *ids[4:]], x),

@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 import pytest
 
-from cellstream.client import AsyncClient, BatchReply, Client, StepReply
+from cellstream.client import AsyncClient, BatchReply, Cancelled, Client, StepReply
 from cellstream.coalesce import StepError, Stepper
 from reference import reference_sequence
 from support import MODELS, RunningServer, start_server
@@ -274,7 +274,7 @@ def test_close_sends_what_is_queued_and_waits_for_it(server: RunningServer) -> N
         await asyncio.sleep(0)  # let the calls queue
         await stepper.close()
         assert all(t.done() for t in tasks)
-        with pytest.raises(RuntimeError):
+        with pytest.raises(Cancelled):
             await stepper.step(f"{prefix}-late", np.ones(8))
         return [t.result() for t in tasks]
 

@@ -12,7 +12,7 @@ import numpy as np
 import psutil
 import pytest
 
-from cellstream.client import AsyncClient, Client, step_request
+from cellstream.client import AsyncClient, CellStreamError, Client, step_request
 from support import RunningServer, start_server, wait_for
 from test_server import sample, scrape
 
@@ -20,7 +20,7 @@ X = np.ones(8, np.float32)
 
 
 def code_of(call: object, *args: object, **kwargs: object) -> grpc.StatusCode:
-    with pytest.raises(grpc.RpcError) as info:
+    with pytest.raises(CellStreamError) as info:
         call(*args, **kwargs)  # type: ignore[operator]
     return info.value.code()
 

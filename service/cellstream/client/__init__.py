@@ -1,33 +1,71 @@
-"""The Python client: `Client` (blocking), `AsyncClient` (asyncio) and the coalescing `Stepper`."""
+"""The Python client: `Client` (blocking), `AsyncClient` (asyncio), the coalescing `Stepper`,
+and `CellStreamError`, the one exception type they raise (a subclass per gRPC status).
+Guide: docs/client.md."""
 
-from cellstream.client.client import (
-    CHANNEL_OPTIONS,
-    MAX_MESSAGE,
-    ArrayLike,
-    AsyncClient,
-    BatchReply,
-    Client,
+from cellstream.client.aio import AsyncClient
+from cellstream.client.client import CHANNEL_OPTIONS, MAX_MESSAGE, Client
+from cellstream.client.coalesce import StepError, Stepper, StepperStats
+from cellstream.client.errors import (
+    Aborted,
+    AlreadyExists,
+    Cancelled,
+    CellStreamError,
+    DataLoss,
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    PermissionDenied,
+    ResourceExhausted,
     ResumeError,
+    Unauthenticated,
+    Unavailable,
+    Unimplemented,
+    Unknown,
+)
+from cellstream.client.messages import (
+    ArrayLike,
+    BatchReply,
+    StepItem,
     StepReply,
     StreamState,
     batch_request,
     step_request,
 )
-from cellstream.client.coalesce import StepError, Stepper, StepperStats
 
 __all__ = [
     "CHANNEL_OPTIONS",
     "MAX_MESSAGE",
+    "Aborted",
+    "AlreadyExists",
     "ArrayLike",
     "AsyncClient",
     "BatchReply",
+    "Cancelled",
+    "CellStreamError",
     "Client",
+    "DataLoss",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "Internal",
+    "InvalidArgument",
+    "NotFound",
+    "OutOfRange",
+    "PermissionDenied",
+    "ResourceExhausted",
     "ResumeError",
     "StepError",
+    "StepItem",
     "StepReply",
     "Stepper",
     "StepperStats",
     "StreamState",
+    "Unauthenticated",
+    "Unavailable",
+    "Unimplemented",
+    "Unknown",
     "batch_request",
     "step_request",
 ]

@@ -16,8 +16,9 @@ submits them to its batcher in sending order. So a stream has readings in at mos
 flight: its later readings stay queued until that batch is answered (any number of them may
 then go together in the next batch, in call order). Streams do not wait for each other.
 
-Errors. Readings are checked here first (size, finite values, stream id) and a bad one fails
-only its caller. A StepBatch is refused as a whole (nothing applied) when one item is bad; when
+Errors. Every failure is a `CellStreamError` (`StepError` is the same class). Readings are
+checked here first (size, finite values, stream id) and a bad one fails only its caller with
+InvalidArgument. A StepBatch is refused as a whole (nothing applied) when one item is bad; when
 the server names the item (`stream_ids[i]...`, INVALID_ARGUMENT), that caller gets the error and
 the rest is sent again. Any other failure goes to every caller of the batch. A caller that is
 cancelled before its batch is sent is dropped; once sent, its reading is applied regardless.
@@ -33,25 +34,16 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from cellstream.client.client import ArrayLike, AsyncClient, BatchReply, StepReply
+from cellstream.client.aio import AsyncClient
+from cellstream.client.errors import Cancelled, CellStreamError, InvalidArgument, NotFound, Unknown
+from cellstream.client.messages import ArrayLike, BatchReply, StepReply, as_floats
+from cellstream.client.shapes import reading_problem
 from cellstream.ids import id_problem
 
 _ITEM = re.compile(r"^stream_ids\[(\d+)\]")
 
-
-class StepError(grpc.RpcError):
-    """A reading refused by this stepper or by the server; `code()` and `details()` as on grpc errors."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"{code.name}: {details}")
-        self._code = code
-        self._details = details
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
+# Kept for code written against the stepper's own error type: it is the client's one type now.
+StepError = CellStreamError
 
 
 @dataclass(frozen=True)
@@ -141,39 +133,31 @@ class Stepper:
         return self._contract
 
     async def _fetch_contract(self) -> Contract:
-        try:
-            models = await self._client.list_models()
-        except grpc.aio.AioRpcError as exc:
-            raise StepError(exc.code(), exc.details() or "ListModels failed") from exc
+        models = await self._client.list_models()
         for info in models:
             if (info.name == self.model) if self.model else info.is_default:
                 states = tuple((s.name, tuple(int(d) for d in s.shape)) for s in info.states)
                 return Contract(info.name, int(info.input_size), states)
         wanted = repr(self.model) if self.model else "a default model"
-        raise StepError(
-            grpc.StatusCode.NOT_FOUND,
-            f"the server does not serve {wanted}; models: {sorted(m.name for m in models)}",
-        )
+        raise NotFound(f"the server does not serve {wanted}; models: {sorted(m.name for m in models)}")
 
     async def step(self, stream_id: str, reading: ArrayLike) -> StepReply:
         """Apply one reading to one stream; returns when its batch is answered."""
         if self._closed:
-            raise RuntimeError("the stepper is closed")
+            raise Cancelled("the stepper is closed")
         contract = self._contract or await self.contract()
-        try:
-            x = np.asarray(reading, np.float32).ravel()
-        except (TypeError, ValueError) as exc:
-            raise StepError(
-                grpc.StatusCode.INVALID_ARGUMENT, f"reading is not a float vector: {exc}"
-            ) from exc
+        x = as_floats(reading, "reading")
+        if x.ndim > 1:
+            sizes = frozenset({contract.input_size})
+            raise InvalidArgument(reading_problem(x.shape, f"model {contract.model!r}", sizes))
+        x = x.ravel()
         if x.size != contract.input_size:
-            raise StepError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"input has {x.size} values, model {contract.model!r} expects {contract.input_size}",
+            raise InvalidArgument(
+                f"input has {x.size} values, model {contract.model!r} expects {contract.input_size}"
             )
         problem = id_problem(stream_id)
         if problem is not None:
-            raise StepError(grpc.StatusCode.INVALID_ARGUMENT, problem)
+            raise InvalidArgument(problem)
         future: asyncio.Future[StepReply] = asyncio.get_running_loop().create_future()
         self._queue.append(_Item(stream_id, x, future))
         self._idle.clear()
@@ -219,9 +203,7 @@ class Stepper:
         finite = np.isfinite(x).all(axis=1)
         if not finite.all():
             for i in np.flatnonzero(~finite).tolist():
-                taken[i].future.set_exception(
-                    StepError(grpc.StatusCode.INVALID_ARGUMENT, "input holds NaN or infinity")
-                )
+                taken[i].future.set_exception(InvalidArgument("input holds NaN or infinity"))
             taken = [item for item, ok in zip(taken, finite.tolist(), strict=True) if ok]
             x = x[finite]
         busy.update(item.stream_id for item in taken)
@@ -239,9 +221,8 @@ class Stepper:
                     reply = await self._client.step_batch(
                         ids, x, model=self.model, omit_state=not self.want_state
                     )
-                except grpc.aio.AioRpcError as exc:
-                    bad = self._bad_item(exc, len(batch))
-                    error = StepError(exc.code(), exc.details() or "StepBatch failed")
+                except CellStreamError as error:
+                    bad = self._bad_item(error, len(batch))
                     if bad is None:
                         self._fail(batch, error)
                         return
@@ -253,17 +234,17 @@ class Stepper:
                 self._deliver(batch, reply)
                 return
         except Exception as exc:  # e.g. the channel closed under us: every caller hears of it
-            self._fail(batch, StepError(grpc.StatusCode.UNKNOWN, f"StepBatch failed: {exc!r}"))
+            self._fail(batch, Unknown(f"StepBatch failed: {exc!r}"))
         finally:
             self._busy.difference_update(sent_ids)
             self._in_flight -= 1
             self._schedule_flush()
 
     @staticmethod
-    def _bad_item(exc: grpc.aio.AioRpcError, n: int) -> int | None:
-        if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+    def _bad_item(error: CellStreamError, n: int) -> int | None:
+        if error.code() != grpc.StatusCode.INVALID_ARGUMENT:
             return None
-        match = _ITEM.match(exc.details() or "")
+        match = _ITEM.match(error.message)
         if match is None or int(match.group(1)) >= n:
             return None
         return int(match.group(1))
@@ -287,7 +268,7 @@ class Stepper:
                 )
 
     @staticmethod
-    def _fail(batch: list[_Item], error: StepError) -> None:
+    def _fail(batch: list[_Item], error: CellStreamError) -> None:
         for item in batch:
             if not item.future.done():
                 item.future.set_exception(error)
