@@ -9,22 +9,37 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
-import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cellstream.config_rules import (
+    C_INT_COUNT,
+    CERTIFICATES,
+    COUNT,
+    EVENT_LOOP,
+    EVICT,
+    FILE_TO_WRITE,
+    GRPC_TIMEOUT,
+    HANDSHAKE_TIMEOUT,
+    INTERVAL,
+    LIMIT,
+    LOG_FORMAT,
+    LOG_LEVEL,
+    OTLP_ENDPOINT,
+    PRIVATE_KEY,
+    READABLE_DIR,
+    SWITCH,
+    TEXT,
+    WRITABLE_DIR,
+    Rule,
+    check_key_pair,
+    host_port,
+)
+
 ENV_PREFIX = "CELLSTREAM_"
-C_INT_MAX = 2**31 - 1  # gRPC channel arguments are C ints ...
-C_INT_SECONDS = C_INT_MAX // 1000  # ... and its timeouts are milliseconds
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-SWITCH_WORDS = {
-    **dict.fromkeys(("true", "1", "yes", "on"), True),
-    **dict.fromkeys(("false", "0", "no", "off"), False),
-}
 
 
 class SettingError(ValueError):
@@ -49,186 +64,6 @@ def quoted(raw: str) -> str:
     return repr(raw) if len(raw) <= 256 else f"{raw[:256]!r}... ({len(raw)} characters)"
 
 
-def _any_value(value: object) -> None:
-    pass
-
-
-@dataclass(frozen=True)
-class Rule:
-    """A setting's text to its value (`parse`) and the values it allows (`check`, run on defaults
-    too); both raise ValueError whose text says what is allowed."""
-
-    metavar: str
-    parse: Callable[[str], object]
-    check: Callable[[Any], None] = _any_value
-    switch: bool = False  # a boolean: `--name` alone is true, `--no-name` false
-
-
-def integer(least: int, most: int | None = None) -> Rule:
-    allowed = f"must be an integer >= {least}" if most is None else f"must be an integer {least}-{most}"
-
-    def parse(raw: str) -> int:
-        try:
-            return int(raw)
-        except ValueError:
-            raise ValueError(allowed) from None
-
-    def check(value: object) -> None:
-        if type(value) is not int or value < least or (most is not None and value > most):
-            raise ValueError(allowed)
-
-    return Rule("N", parse, check)
-
-
-def seconds(*, most: int | None = None, positive: bool = False) -> Rule:
-    """A duration; `positive` for the ones where 0 has no meaning (a handshake timeout)."""
-    allowed = "must be a number of seconds " + ("> 0" if positive else ">= 0")
-    allowed += "" if most is None else f" and <= {most}"
-
-    def parse(raw: str) -> float:
-        try:
-            return float(raw)
-        except ValueError:
-            raise ValueError(allowed) from None
-
-    def check(value: object) -> None:
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise ValueError(allowed)
-        if value < 0 or (positive and value == 0) or (most is not None and value > most):
-            raise ValueError(allowed)
-
-    return Rule("SECONDS", parse, check)
-
-
-def _listed(options: tuple[str, ...]) -> str:
-    return options[0] if len(options) == 1 else f"{', '.join(options[:-1])} or {options[-1]}"
-
-
-def choice(*options: str, needs: Callable[[str], None] = _any_value) -> Rule:
-    """One of a few words; `needs` checks what the chosen one requires (e.g. its package)."""
-
-    def check(value: object) -> None:
-        if value not in options:
-            raise ValueError(f"choose {_listed(options)}")
-        needs(str(value))
-
-    return Rule("{" + ",".join(options) + "}", str, check)
-
-
-def _uvloop_installed(loop: str) -> None:
-    if loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
-        raise ValueError("uvloop is not installed (pip install 'cellstream[uvloop]'); or choose asyncio")
-
-
-def _check_otlp_endpoint(value: object) -> None:
-    _check_text(value)
-    if value and importlib.util.find_spec("opentelemetry.exporter.otlp") is None:
-        raise ValueError("tracing needs the [otel] extra: pip install 'cellstream[otel]'")
-
-
-def _check_log_level(value: object) -> None:
-    if not isinstance(value, str) or value.upper() not in LOG_LEVELS:
-        raise ValueError(f"choose {_listed(LOG_LEVELS)}, in any case")
-
-
-def _switch(raw: str) -> bool:
-    try:
-        return SWITCH_WORDS[raw.strip().lower()]
-    except KeyError:
-        raise ValueError("must be true/false, yes/no, on/off or 1/0") from None
-
-
-def _check_switch(value: object) -> None:
-    if not isinstance(value, bool):
-        raise ValueError("must be true or false")
-
-
-def _check_text(value: object) -> None:
-    if not isinstance(value, str):
-        raise ValueError("must be text")
-
-
-def host_port(*, optional: bool) -> Rule:
-    """HOST:PORT with an IPv6 host in brackets; `optional`: '' turns that listener off."""
-    allowed = "must be HOST:PORT with a port 0-65535" + (", or '' for off" if optional else "")
-
-    def check(value: object) -> None:
-        if optional and value == "":
-            return
-        if not isinstance(value, str):
-            raise ValueError(allowed)
-        host, _, port = value.rpartition(":")
-        if not host or any(c.isspace() for c in host):
-            raise ValueError(allowed)
-        if ":" in host and not (host.startswith("[") and host.endswith("]")):
-            raise ValueError(allowed + "; an IPv6 host goes in brackets, [::1]:50051")
-        if not (port.isascii() and port.isdigit()) or int(port) > 65535:
-            raise ValueError(allowed)
-
-    return Rule("HOST:PORT", str, check)
-
-
-def _path(raw: str) -> Path:
-    if not raw:
-        raise ValueError("must name a directory")
-    return Path(raw)
-
-
-def _path_or_none(raw: str) -> Path | None:
-    return Path(raw) if raw else None
-
-
-def _check_readable_dir(value: object) -> None:
-    if not isinstance(value, Path):
-        raise ValueError("must be a directory")
-    if not value.exists():
-        raise ValueError("no such directory")
-    if not value.is_dir():
-        raise ValueError("is not a directory")
-    if not os.access(value, os.R_OK | os.X_OK):
-        raise ValueError("cannot be read by this user")
-
-
-def _check_writable_dir(value: object) -> None:
-    """The directory, or the nearest existing one above it that it would be created in, is writable."""
-    if value is None:
-        return
-    if not isinstance(value, Path):
-        raise ValueError("must be a directory")
-    found = next(p for p in (value, *value.parents) if p.exists() or p == p.parent)
-    if not found.is_dir():
-        raise ValueError("is not a directory" if found == value else f"cannot be created: {found} is a file")
-    if not os.access(found, os.W_OK | os.X_OK):
-        raise ValueError(
-            "cannot be written by this user" if found == value else f"cannot be created in {found}"
-        )
-
-
-def _check_file_to_write(value: object) -> None:
-    if value is None:
-        return
-    if not isinstance(value, Path):
-        raise ValueError("must be a file name")
-    if value.is_dir():
-        raise ValueError("is a directory")
-    if not value.parent.is_dir():
-        raise ValueError(f"its directory {value.parent} does not exist")
-    if not os.access(value.parent, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot be written in {value.parent} by this user")
-
-
-COUNT = integer(1)  # sizes and counts where 0 would mean nothing works
-LIMIT = integer(0)  # 0 means no limit (for --inline-batch: never inline)
-C_INT_COUNT = integer(1, C_INT_MAX)
-INTERVAL = seconds()  # the README gives 0 a meaning: off, never, no wait
-GRPC_TIMEOUT = seconds(most=C_INT_SECONDS)
-SWITCH = Rule("BOOL", _switch, _check_switch, switch=True)
-TEXT = Rule("TEXT", str, _check_text)
-READABLE_DIR = Rule("DIR", _path, _check_readable_dir)
-WRITABLE_DIR = Rule("DIR", _path_or_none, _check_writable_dir)
-FILE_TO_WRITE = Rule("FILE", _path_or_none, _check_file_to_write)
-
-
 def bundled_models_dir() -> Path:
     """The models shipped with cellstream: inside the wheel, or the repository's models/ in a checkout."""
     package_dir = Path(__file__).resolve().parent
@@ -249,6 +84,34 @@ class Settings:
     metrics_address: str = setting(
         "127.0.0.1:9095", host_port(optional=True), "Prometheus /metrics HTTP address ('' = off)"
     )
+    tls_cert: Path | None = field(
+        default=None,
+        metadata={
+            "help": "serve gRPC over TLS with this PEM certificate (chain); with --tls-key",
+            "rule": CERTIFICATES,
+        },
+    )
+    tls_key: Path | None = field(
+        default=None,
+        metadata={"help": "the PEM private key of --tls-cert (unencrypted)", "rule": PRIVATE_KEY},
+    )
+    tls_client_ca: Path | None = field(
+        default=None,
+        metadata={
+            "help": "require client certificates signed by the CA(s) in this PEM file (mTLS)",
+            "rule": CERTIFICATES,
+        },
+    )
+    metrics_tls_cert: Path | None = field(
+        default=None,
+        metadata={
+            "help": "serve /metrics over https with this PEM certificate; with --metrics-tls-key",
+            "rule": CERTIFICATES,
+        },
+    )
+    metrics_tls_key: Path | None = field(
+        default=None, metadata={"help": "the PEM private key of --metrics-tls-cert", "rule": PRIVATE_KEY}
+    )
     models: Path = field(
         default_factory=bundled_models_dir, metadata={"help": "model repository dir", "rule": READABLE_DIR}
     )
@@ -261,7 +124,7 @@ class Settings:
     )
     max_streams: int = setting(0, LIMIT, "streams per server (0 = no limit)")
     evict: str = setting(
-        "none", choice("none", "lru"), "at --max-streams: 'none' refuses new streams, 'lru' evicts the idlest"
+        "none", EVICT, "at --max-streams: 'none' refuses new streams, 'lru' evicts the idlest"
     )
     stream_ttl: float = setting(0.0, INTERVAL, "drop streams idle this many seconds (0 = never)")
     state_dir: Path | None = field(
@@ -289,7 +152,7 @@ class Settings:
     max_connections: int = setting(4096, C_INT_COUNT, "open client connections before new ones are refused")
     handshake_timeout: float = setting(
         10.0,
-        seconds(most=C_INT_SECONDS, positive=True),
+        HANDSHAKE_TIMEOUT,
         "seconds a new connection has to finish its handshake",
     )
     connection_idle_timeout: float = setting(
@@ -305,7 +168,7 @@ class Settings:
     drain_seconds: float = setting(10.0, INTERVAL, "on SIGTERM, how long in-flight work may take to finish")
     event_loop: str = setting(
         "asyncio",
-        choice("asyncio", "uvloop", needs=_uvloop_installed),
+        EVENT_LOOP,
         "'asyncio', or 'uvloop' (the [uvloop] extra)",
     )
     tune_malloc: bool = setting(
@@ -314,24 +177,22 @@ class Settings:
     ready_file: Path | None = field(
         default=None,
         metadata={
-            "help": "write {address, metrics_address, pid} JSON here once SERVING",
+            "help": "write {address, metrics_address, pid, tls, mtls, metrics_tls} JSON here once SERVING",
             "rule": FILE_TO_WRITE,
         },
     )
     log_level: str = setting(
         "INFO",
-        Rule("LEVEL", str.upper, _check_log_level),
+        LOG_LEVEL,
         "DEBUG, INFO, WARNING, ERROR or CRITICAL (any case)",
     )
-    log_format: str = setting(
-        "text", choice("text", "json"), "log lines as text, or one JSON object per line"
-    )
+    log_format: str = setting("text", LOG_FORMAT, "log lines as text, or one JSON object per line")
     access_log: bool = setting(
         False, SWITCH, "log one line per RPC, and one per StepStream call at its end with its counts"
     )
     otlp_endpoint: str = setting(
         "",
-        Rule("HOST:PORT", str, _check_otlp_endpoint),
+        OTLP_ENDPOINT,
         "send traces over OTLP/gRPC to this collector ('' = no tracing; the [otel] extra)",
     )
 
@@ -376,9 +237,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
     """Flags win over CELLSTREAM_* variables, which win over the defaults; every value, defaults
-    included, must pass its rule. Raises SettingError naming where the bad value came from."""
+    included, must pass its rule, and settings that go together must fit (a TLS key and its
+    certificate). Raises SettingError naming where the bad value came from."""
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {}
+    origins: dict[str, tuple[str, str]] = {}  # where each value came from, for a message about two
     for spec in dataclasses.fields(Settings):
         rule, flag, var = rule_of(spec), flag_of(spec.name), env_of(spec.name)
         given = getattr(args, spec.name, None)
@@ -396,4 +259,32 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str] | None = 
         except ValueError as exc:
             raise SettingError(f"{origin}: {exc} ({other})") from None
         values[spec.name] = value
+        origins[spec.name] = origin, other
+    mismatch = _mismatch(values)
+    if mismatch is not None:
+        name, why = mismatch
+        origin, other = origins[name]
+        raise SettingError(f"{origin}: {why} ({other})")
     return Settings(**values)
+
+
+# A certificate and its key: one is no use without the other.
+KEY_PAIRS = (("tls_cert", "tls_key"), ("metrics_tls_cert", "metrics_tls_key"))
+
+
+def _mismatch(values: Mapping[str, Any]) -> tuple[str, str] | None:
+    """The first setting that does not fit with the others (to name in the message), and why."""
+    for cert, key in KEY_PAIRS:
+        if (values[cert] is None) != (values[key] is None):
+            given, missing = (cert, key) if values[key] is None else (key, cert)
+            return given, f"needs {names_of(missing)} as well: give both, or neither"
+        if values[cert] is not None:
+            try:
+                check_key_pair(values[cert], values[key])
+            except ValueError as exc:
+                return key, str(exc)
+    if values["tls_client_ca"] is not None and values["tls_cert"] is None:
+        return "tls_client_ca", (
+            f"client certificates need TLS: give {names_of('tls_cert')} and {names_of('tls_key')} too"
+        )
+    return None

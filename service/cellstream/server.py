@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import ipaddress
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ from cellstream.engine import Engine
 from cellstream.model import ModelRepository
 from cellstream.protocols.cellstream_v1 import CellStreamServicer, add_to_server
 from cellstream.protocols.prometheus_http import MetricsEndpoint
+from cellstream.protocols.tls import GrpcTls, grpc_tls, metrics_tls
 from cellstream.protocols.tracing import Tracing
 from cellstream.streams.snapshot import SnapshotDir
 
@@ -41,6 +43,25 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CellStream"].full_name
 def split_address(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """Only this machine can connect: 127.0.0.0/8, ::1 or localhost (any other name may not be)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host.lower() == "localhost" or host.lower().endswith(".localhost")
+
+
+def exposure_warning(address: str, tls: GrpcTls | None) -> str | None:
+    """What to say when other machines can reach a server that neither encrypts nor authenticates."""
+    if tls is not None or is_loopback(split_address(address)[0]):
+        return None
+    return (
+        f"gRPC on {address} is plaintext with no auth and reachable from other machines: add "
+        f"{names_of('tls_cert')} and {names_of('tls_key')} (and {names_of('tls_client_ca')} to require "
+        "client certificates), or listen on 127.0.0.1"
+    )
 
 
 def bind_failure(address: str) -> str:
@@ -116,6 +137,8 @@ class Server:
         self.engine: Engine | None = None
         self.durability: Durability | None = None
         self._tracing = Tracing(settings.otlp_endpoint) if settings.otlp_endpoint else None
+        self._tls = grpc_tls(settings)  # (SettingError: the files broke since the settings check)
+        self._metrics_tls = metrics_tls(settings)
 
     async def start(self) -> None:
         started = time.perf_counter()
@@ -144,7 +167,10 @@ class Server:
         )
         host, _ = split_address(settings.address)
         try:
-            port = server.add_insecure_port(settings.address)
+            if self._tls is None:
+                port = server.add_insecure_port(settings.address)
+            else:
+                port = server.add_secure_port(settings.address, self._tls.credentials())
         except RuntimeError:  # grpc's text says only "Failed to bind"
             port = 0
         if port == 0:
@@ -160,7 +186,12 @@ class Server:
         if settings.metrics_address:
             metrics_host, metrics_port = split_address(settings.metrics_address)
             try:
-                self._metrics_http = MetricsEndpoint(metrics_host, metrics_port, metrics.REGISTRY)
+                self._metrics_http = MetricsEndpoint(
+                    metrics_host,
+                    metrics_port,
+                    metrics.REGISTRY,
+                    None if self._metrics_tls is None else self._metrics_tls.current,
+                )
             except OSError as exc:
                 await server.stop(None)
                 await self.engine.stop()
@@ -169,13 +200,17 @@ class Server:
                     f"another address with {names_of('metrics_address')}, or '' for none"
                 ) from None
             self.metrics_address = f"{metrics_host}:{self._metrics_http.port}"
+        warning = exposure_warning(self.address, self._tls)
+        if warning is not None:
+            log.warning("%s", warning)
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
-            "serving %s on %s (metrics %s) in %.0f ms; default model %s",
+            "serving %s on %s (%s; metrics %s) in %.0f ms; default model %s",
             ", ".join(repository.models),
             self.address,
-            self.metrics_address or "off",
+            "plaintext" if self._tls is None else self._tls.mode,
+            self._metrics_url(),
             (time.perf_counter() - started) * 1000,
             repository.default,
         )
@@ -242,11 +277,22 @@ class Server:
             self.durability.longest_pause * 1000,
         )
 
+    def _metrics_url(self) -> str:
+        if self._metrics_http is None:
+            return "off"
+        return f"{self._metrics_http.scheme}://{self.metrics_address}/metrics"
+
     def _write_ready(self, path: Path) -> None:
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(
-            json.dumps({"address": self.address, "metrics_address": self.metrics_address, "pid": os.getpid()})
-        )
+        ready = {
+            "address": self.address,
+            "metrics_address": self.metrics_address,
+            "pid": os.getpid(),
+            "tls": self._tls is not None,
+            "mtls": self._tls is not None and self._tls.mtls,
+            "metrics_tls": self._metrics_tls is not None and bool(self.metrics_address),
+        }
+        tmp.write_text(json.dumps(ready))
         tmp.replace(path)
 
     def request_stop(self) -> None:
