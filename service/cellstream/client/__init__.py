@@ -34,10 +34,12 @@ from cellstream.client.messages import (
     batch_request,
     step_request,
 )
+from cellstream.client.tls import TLS
 
 __all__ = [
     "CHANNEL_OPTIONS",
     "MAX_MESSAGE",
+    "TLS",
     "Aborted",
     "AlreadyExists",
     "ArrayLike",

@@ -30,17 +30,28 @@ from cellstream.client.messages import (
     tensor,
 )
 from cellstream.client.shapes import InputSizes, reading_problem
+from cellstream.client.tls import TLS
 
 
 class AsyncClient:
     """asyncio client with the same methods as `Client` (no `resume`, export or import), awaited."""
 
     def __init__(
-        self, address: str, *, timeout: float | None = 30.0, options: Sequence[tuple[str, Any]] = ()
+        self,
+        address: str,
+        *,
+        timeout: float | None = 30.0,
+        options: Sequence[tuple[str, Any]] = (),
+        tls: TLS | None = None,
     ) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(address, options=[*CHANNEL_OPTIONS, *options])
+        if tls is None:
+            self._channel = grpc.aio.insecure_channel(address, options=[*CHANNEL_OPTIONS, *options])
+        else:
+            self._channel = grpc.aio.secure_channel(
+                address, tls.credentials(), options=[*CHANNEL_OPTIONS, *tls.options(), *options]
+            )
         self._stub = pb_grpc.CellStreamStub(self._channel)
         self._sizes = InputSizes()
         self._closed = False

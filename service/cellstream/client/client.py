@@ -46,6 +46,7 @@ from cellstream.client.messages import (
     tensor,
 )
 from cellstream.client.shapes import InputSizes, reading_problem
+from cellstream.client.tls import TLS
 
 MAX_MESSAGE = 64 * 1024 * 1024
 CHANNEL_OPTIONS = [
@@ -78,6 +79,8 @@ class Client:
     `retry_seconds`), and when a restarted server says a stream is behind (it restored an older
     snapshot), resends the readings it lost, in order, before the current one. Each reading is
     then applied exactly once, as if the server had never stopped.
+
+    With `tls` the channel is TLS (mTLS when it holds a client certificate); without, plaintext.
     """
 
     def __init__(
@@ -86,6 +89,7 @@ class Client:
         *,
         timeout: float | None = 30.0,
         options: Sequence[tuple[str, Any]] = (),
+        tls: TLS | None = None,
         resume: bool = False,
         resume_window: int = 100_000,
         retry_seconds: float = 60.0,
@@ -94,7 +98,12 @@ class Client:
         self.timeout = timeout
         self.resume = resume
         self.retry_seconds = retry_seconds
-        self._channel = grpc.insecure_channel(address, options=[*CHANNEL_OPTIONS, *options])
+        if tls is None:
+            self._channel = grpc.insecure_channel(address, options=[*CHANNEL_OPTIONS, *options])
+        else:
+            self._channel = grpc.secure_channel(
+                address, tls.credentials(), options=[*CHANNEL_OPTIONS, *tls.options(), *options]
+            )
         self._stub = pb_grpc.CellStreamStub(self._channel)
         self._sizes = InputSizes()
         self._closed = False

@@ -38,6 +38,7 @@ from cellstream.client.aio import AsyncClient
 from cellstream.client.errors import Cancelled, CellStreamError, InvalidArgument, NotFound, Unknown
 from cellstream.client.messages import ArrayLike, BatchReply, StepReply, as_floats
 from cellstream.client.shapes import reading_problem
+from cellstream.client.tls import TLS
 from cellstream.ids import id_problem
 
 _ITEM = re.compile(r"^stream_ids\[(\d+)\]")
@@ -88,12 +89,17 @@ class Stepper:
         max_in_flight: int = 2,
         max_batch: int = 10_000,
         want_state: bool = True,
+        tls: TLS | None = None,
     ) -> None:
         if max_in_flight < 1 or max_batch < 1:
             raise ValueError("max_in_flight and max_batch must be at least 1")
+        if tls is not None and not isinstance(client_or_address, str):
+            raise ValueError("tls is for an address: a given AsyncClient brings its own channel")
         self._owns_client = isinstance(client_or_address, str)
         self._client = (
-            AsyncClient(client_or_address) if isinstance(client_or_address, str) else client_or_address
+            AsyncClient(client_or_address, tls=tls)
+            if isinstance(client_or_address, str)
+            else client_or_address
         )
         self.model = model
         self.max_in_flight = max_in_flight

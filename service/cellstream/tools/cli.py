@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from cellstream import __version__
+from cellstream.tools.client_options import add_tls_arguments, tls_from
+
+if TYPE_CHECKING:
+    from cellstream.client import Client
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -28,12 +32,26 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
 
 
+def _client(args: argparse.Namespace) -> Client:
+    """The command's client: `--address`, `--timeout` and the TLS flags. Raises ValueError for
+    a TLS file that is missing or not PEM."""
+    from cellstream.client import Client  # noqa: PLC0415
+
+    return Client(args.address, timeout=args.timeout, tls=tls_from(args))
+
+
+def _bad_tls(command: str, exc: ValueError) -> int:
+    print(f"cellstream {command}: {exc}", file=sys.stderr)
+    return 2
+
+
 def _health(args: argparse.Namespace) -> int:
     import grpc  # noqa: PLC0415
 
-    from cellstream.client import Client  # noqa: PLC0415
-
-    client = Client(args.address, timeout=args.timeout)
+    try:
+        client = _client(args)
+    except ValueError as exc:
+        return _bad_tls("health", exc)
     try:
         serving = client.health(args.service)
     except grpc.RpcError as exc:
@@ -71,18 +89,22 @@ def _models_list(args: argparse.Namespace) -> int:
 
 
 def _state_export(args: argparse.Namespace) -> int:
-    from cellstream.client import Client  # noqa: PLC0415
-
-    with Client(args.address, timeout=args.timeout) as client:
+    try:
+        client = _client(args)
+    except ValueError as exc:
+        return _bad_tls("state export", exc)
+    with client:
         size = client.export_states(args.out, args.model or ())
     print(f"wrote {size} bytes to {args.out}")
     return 0
 
 
 def _state_import(args: argparse.Namespace) -> int:
-    from cellstream.client import Client  # noqa: PLC0415
-
-    with Client(args.address, timeout=args.timeout) as client:
+    try:
+        client = _client(args)
+    except ValueError as exc:
+        return _bad_tls("state import", exc)
+    with client:
         restored, dropped = client.import_states(args.file)
     print(f"restored {restored} streams, dropped {dropped} (model not served here or changed)")
     return 0
@@ -114,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--address", default="127.0.0.1:50051")
     health.add_argument("--service", default="")
     health.add_argument("--timeout", type=float, default=3.0)
+    add_tls_arguments(health)
     health.set_defaults(func=_health)
 
     models = commands.add_parser("models", help="inspect a model repository")
@@ -130,11 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=_path, required=True)
     export.add_argument("--model", action="append", help="only this model (repeatable)")
     export.add_argument("--timeout", type=float, default=300.0)
+    add_tls_arguments(export)
     export.set_defaults(func=_state_export)
     load = state_commands.add_parser("import", help="load a snapshot file into a server")
     load.add_argument("file", type=_path)
     load.add_argument("--address", default="127.0.0.1:50051")
     load.add_argument("--timeout", type=float, default=300.0)
+    add_tls_arguments(load)
     load.set_defaults(func=_state_import)
 
     from cellstream.tools import check, replay  # noqa: PLC0415 - both import their heavy deps lazily

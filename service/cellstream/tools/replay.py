@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from cellstream.tools.client_options import add_tls_arguments, tls_from
 from cellstream.tools.replay_plot import Labels, answered_by, answers_in, plot
 from cellstream.tools.replay_table import ReplayError, Row, Table, read_table
 
@@ -58,6 +59,7 @@ def register(commands: Any) -> None:
     )
     parser.add_argument("csv", type=Path, help="the CSV file; its first line names the columns")
     parser.add_argument("--address", default="127.0.0.1:50051", help="the server (host:port)")
+    add_tls_arguments(parser)
     parser.add_argument("--model", default="", help="the model to use (default: the server's default)")
     parser.add_argument("--stream-col", default="", help="column naming each row's stream")
     parser.add_argument(
@@ -108,7 +110,11 @@ def _run(args: argparse.Namespace) -> int:
         print("cellstream replay: --plot needs matplotlib: pip install 'cellstream[plot]'", file=sys.stderr)
         return EXIT_USAGE
     value_cols = tuple(c.strip() for c in args.value_cols.split(",") if c.strip())
-    client = Client(args.address, timeout=args.timeout)
+    try:
+        client = Client(args.address, timeout=args.timeout, tls=tls_from(args))
+    except ValueError as exc:
+        print(f"cellstream replay: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         try:
             table = read_table(
