@@ -149,6 +149,9 @@ class Settings:
     max_import_bytes: int = setting(
         1 << 30, COUNT, "largest snapshot file ImportStates takes (bytes, in all)"
     )
+    max_model_bytes: int = setting(
+        1 << 30, COUNT, "largest model.onnx file loaded (bytes); a bigger one is refused before it is read"
+    )
     max_connections: int = setting(4096, C_INT_COUNT, "open client connections before new ones are refused")
     handshake_timeout: float = setting(
         10.0,

@@ -27,6 +27,7 @@ MODEL_FILE = "model.onnx"
 CONFIG_FILE = "config.json"
 DEFAULT_FILE = "DEFAULT"
 FLOAT = "tensor(float)"
+MAX_MODEL_BYTES = 1 << 30  # the default --max-model-bytes: far above any cell model, below a memory blow-up
 
 ModelFile: TypeAlias = tuple[Path, str | None]
 """A model's file to load and its version directory's name (None for `<name>/model.onnx`)."""
@@ -48,8 +49,7 @@ class StateSpec:
 
 @dataclass(frozen=True, eq=False)  # compared and hashed by identity: a cheap cache key per model
 class ReplyLayout:
-    """The shape of a model's replies (answer size, state names and shapes): what a protocol's
-    reply encoder needs, made once per loaded model."""
+    """The shape of a model's replies: what a protocol's reply encoder needs, made once per model."""
 
     output_size: int
     states: tuple[tuple[str, tuple[int, ...]], ...]
@@ -81,6 +81,20 @@ def _session_options(intra_op_threads: int) -> ort.SessionOptions:
     return options
 
 
+def _read_within(path: Path, limit: int) -> bytes:
+    """The file's bytes, refused by its size (stat) before any is read, and if it grew past it since."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as file:
+            data = file.read(limit + 1 if size <= limit else 0)
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot read it ({one_line(exc)}): make it a readable file") from exc
+    if (size := max(size, len(data))) > limit:
+        fix = "shrink the model, or raise --max-model-bytes"
+        raise ModelLoadError(f"{path}: is {size} bytes, over the limit of {limit} bytes: {fix}")
+    return data
+
+
 def _static_dims(where: str, shape: Sequence[Any]) -> tuple[int, ...]:
     """Check the batch axis is dynamic and every other axis fixed; return the per-stream shape."""
     if not shape:
@@ -106,24 +120,18 @@ class CellModel:
         name: str | None = None,
         version: str | None = None,
         intra_op_threads: int = 1,
+        max_model_bytes: int = MAX_MODEL_BYTES,
     ) -> None:
         self.path = path
         with _refusing(path):
             config = ModelConfig.read(path.parent / CONFIG_FILE)
             self.name = name or path.parent.name
             self.version = version or config.version or "1"
-            self.description = config.description
-            self.config_max_batch = config.max_batch
+            self.description, self.config_max_batch = config.description, config.max_batch
+            self.sha256 = hashlib.sha256(_read_within(path, max_model_bytes)).hexdigest()
+            options = _session_options(intra_op_threads)  # never registers a custom-op library
             try:
-                self.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
-            except OSError as exc:
-                raise ModelLoadError(
-                    f"{path}: cannot read it ({one_line(exc)}): make it a readable file"
-                ) from exc
-            try:
-                self._session = ort.InferenceSession(
-                    str(path), _session_options(intra_op_threads), providers=["CPUExecutionProvider"]
-                )
+                self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             except Exception as exc:  # onnxruntime raises its own types for a file it cannot take
                 raise ModelLoadError(f"{path}: onnxruntime cannot load it: {one_line(exc)}") from exc
             self._discover(path, config)
@@ -150,8 +158,7 @@ class CellModel:
             )
         self.input_size = reading_shape[0]
         initial = config.initial_state or {}
-        unknown = set(initial) - set(pairs)
-        if unknown:
+        if unknown := set(initial) - set(pairs):
             raise ModelLoadError(
                 f"{path.parent / CONFIG_FILE}: initial_state names {sorted(unknown)}, which are not states "
                 f"(the states are {sorted(pairs)})"
@@ -264,9 +271,7 @@ class CellModel:
 
     def run(self, x: np.ndarray, states: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """One cell step for a batch: x [B, F], states [B, *shape] -> answer [B, output_size], next states."""
-        feeds = {self.reading: x}
-        for spec, value in zip(self.states, states, strict=True):
-            feeds[spec.name] = value
+        feeds = {self.reading: x, **{s.name: v for s, v in zip(self.states, states, strict=True)}}
         y, *next_states = self._session.run(self._output_names, feeds)
         return y.reshape(len(x), -1), next_states
 
@@ -280,9 +285,8 @@ def find_model_file(model_dir: Path) -> ModelFile:
 
 
 def model_files(model_dir: Path) -> list[ModelFile]:
-    """The files a model directory can serve, newest first: its `model.onnx`, or each numbered
-    `<version>/model.onnx`. Empty where it holds no model at all (docs, scripts, a staging `.v2`);
-    ModelLoadError where it looks like a model but cannot be read or served."""
+    """The files a model directory can serve, newest first: `model.onnx`, or each `<version>/model.onnx`.
+    Empty where it holds no model (docs, a staging `.v2`); ModelLoadError where it looks like a broken one."""
     try:
         if not model_dir.is_dir():
             return []
@@ -329,11 +333,18 @@ class Refusal:
 class ModelRepository:
     """The models of one directory, `<repo>/<name>/[<version>/]model.onnx`."""
 
-    def __init__(self, root: Path, *, default_model: str = "", intra_op_threads: int = 1) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        default_model: str = "",
+        intra_op_threads: int = 1,
+        max_model_bytes: int = MAX_MODEL_BYTES,
+    ) -> None:
         if not root.is_dir():
             raise ModelLoadError(f"model repository {root} is not a directory")
         self.root = root
-        self.intra_op_threads = intra_op_threads
+        self.intra_op_threads, self.max_model_bytes = intra_op_threads, max_model_bytes
         self.models: dict[str, CellModel] = {}
         self.refused: list[Refusal] = []
         for name, found in self.scan_versions().items():
@@ -345,8 +356,7 @@ class ModelRepository:
         self.default = self._pick_default(default_model)
 
     def scan(self) -> dict[str, ModelFile | ModelLoadError]:
-        """What the directory holds now: each model's highest version file (nothing is loaded), or
-        the error of a directory that looks like a model but cannot be one (reported, not skipped)."""
+        """Each model's highest version file now (nothing loaded), or a broken model directory's error."""
         return {n: f if isinstance(f, ModelLoadError) else f[0] for n, f in self.scan_versions().items()}
 
     def scan_versions(self) -> dict[str, list[ModelFile] | ModelLoadError]:
@@ -372,8 +382,7 @@ class ModelRepository:
         return found
 
     def _load_newest(self, name: str, files: list[ModelFile]) -> CellModel:
-        """The newest version of `files` that loads, the ones above it kept in `refused`: a broken
-        newest version must not stop a restart (a pod would crash-loop) while an older one works."""
+        """The newest version that loads, newer ones kept in `refused`: a broken one must not crash-loop."""
         refused: list[Refusal] = []
         for path, version in files:
             try:
@@ -389,7 +398,8 @@ class ModelRepository:
         raise ModelLoadError(f"no version of model {name} can be loaded: {reasons}")
 
     def load(self, name: str, path: Path, version: str | None) -> CellModel:
-        return CellModel(path, name=name, version=version, intra_op_threads=self.intra_op_threads)
+        threads, limit = self.intra_op_threads, self.max_model_bytes
+        return CellModel(path, name=name, version=version, intra_op_threads=threads, max_model_bytes=limit)
 
     def _pick_default(self, requested: str) -> str | None:
         marker = self.root / DEFAULT_FILE

@@ -144,7 +144,10 @@ class Server:
         started = time.perf_counter()
         settings = self.settings
         repository = ModelRepository(
-            settings.models, default_model=settings.default_model, intra_op_threads=settings.intra_op_threads
+            settings.models,
+            default_model=settings.default_model,
+            intra_op_threads=settings.intra_op_threads,
+            max_model_bytes=settings.max_model_bytes,
         )
         self.engine = Engine(repository, settings)
         self.durability = Durability(self.engine)

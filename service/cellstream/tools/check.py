@@ -47,6 +47,13 @@ def register(commands: Any) -> None:
         help="the server's --max-batch, which caps a config.json max_batch above it "
         f"(default {Settings.max_batch}, the server's default)",
     )
+    parser.add_argument(
+        "--max-model-bytes",
+        type=_positive,
+        default=Settings.max_model_bytes,
+        help="the server's --max-model-bytes: a bigger model file is refused before it is read "
+        f"(default {Settings.max_model_bytes})",
+    )
     parser.set_defaults(func=_run)
 
 
@@ -54,7 +61,7 @@ def _run(args: argparse.Namespace) -> int:
     from cellstream.errors import ModelLoadError  # noqa: PLC0415 - keep `cellstream --help` fast
 
     try:
-        model = load(args.path)
+        model = load(args.path, max_model_bytes=args.max_model_bytes)
     except ModelLoadError as exc:
         print(f"cannot be served: {exc}", file=sys.stderr)
         return EXIT_UNSERVABLE
@@ -71,22 +78,24 @@ def _run(args: argparse.Namespace) -> int:
     return 0 if result.independent else EXIT_ROWS_MIX
 
 
-def load(path: Path) -> CellModel:
+def load(path: Path, *, max_model_bytes: int = Settings.max_model_bytes) -> CellModel:
     """The model the server would load from `path` (a model.onnx, or a directory holding one)."""
     from cellstream.errors import ModelLoadError  # noqa: PLC0415
     from cellstream.model import MODEL_FILE, CellModel, find_model_file  # noqa: PLC0415
 
     if path.is_dir():
         model_file, version = find_model_file(path)
-        return CellModel(model_file, name=path.name, version=version)
+        return CellModel(model_file, name=path.name, version=version, max_model_bytes=max_model_bytes)
     if not path.is_file():
         raise ModelLoadError(f"{path}: no such file or directory")
     version_dir = path.parent.name
     if version_dir.isascii() and version_dir.isdigit():  # <repo>/<name>/<version>/model.onnx
-        return CellModel(path, name=path.parent.parent.name, version=version_dir)
+        return CellModel(
+            path, name=path.parent.parent.name, version=version_dir, max_model_bytes=max_model_bytes
+        )
     if path.name == MODEL_FILE:
         find_model_file(path.parent)  # refuses a model.onnx beside version directories, as the server does
-    return CellModel(path)
+    return CellModel(path, max_model_bytes=max_model_bytes)
 
 
 def opset_of(path: Path) -> str:
