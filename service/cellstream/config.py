@@ -38,8 +38,10 @@ from cellstream.config_rules import (
     check_key_pair,
     host_port,
 )
+from cellstream.errors import quoted
 
 ENV_PREFIX = "CELLSTREAM_"
+SHOWN_SETTING = 256  # characters of a bad setting's value repeated in its message
 
 
 class SettingError(ValueError):
@@ -57,11 +59,6 @@ def env_of(name: str) -> str:
 def names_of(name: str) -> str:
     """How a user changes a setting, for a message: `--metrics-address (CELLSTREAM_METRICS_ADDRESS)`."""
     return f"{flag_of(name)} ({env_of(name)})"
-
-
-def quoted(raw: str) -> str:
-    """A value as the user gave it, on one line (repr escapes newlines); a runaway one is cut."""
-    return repr(raw) if len(raw) <= 256 else f"{raw[:256]!r}... ({len(raw)} characters)"
 
 
 def bundled_models_dir() -> Path:
@@ -250,14 +247,14 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str] | None = 
         given = getattr(args, spec.name, None)
         try:
             if given is not None:
-                origin, other = f"{flag} {quoted(str(given))}", var
+                origin, other = f"{flag} {quoted(str(given), SHOWN_SETTING)}", var
                 value = rule.parse(str(given))
             elif var in env:
-                origin, other = f"{var}={quoted(env[var])}", flag
+                origin, other = f"{var}={quoted(env[var], SHOWN_SETTING)}", flag
                 value = rule.parse(env[var])
             else:  # a default can fail too: a models directory missing from an install
                 value = default_of(spec)
-                origin, other = f"the default {flag} {quoted(_shown(value))}", var
+                origin, other = f"the default {flag} {quoted(_shown(value), SHOWN_SETTING)}", var
             rule.check(value)
         except ValueError as exc:
             raise SettingError(f"{origin}: {exc} ({other})") from None

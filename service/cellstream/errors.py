@@ -5,12 +5,12 @@ from __future__ import annotations
 SHOWN_CHARS = 64  # of a client's string quoted in an error message
 
 
-def quoted(value: str) -> str:
-    """A client's string for an error message: repr'd, and cut when long (a message echoing a
-    50 MB model name would not fit the reply's metadata)."""
-    if len(value) <= SHOWN_CHARS:
+def quoted(value: str, limit: int = SHOWN_CHARS) -> str:
+    """A user's string for a message: repr'd (one line: newlines are escaped), and cut when long
+    (a message echoing a 50 MB model name would not fit the reply's metadata)."""
+    if len(value) <= limit:
         return repr(value)
-    return f"{value[:SHOWN_CHARS]!r}... ({len(value.encode(errors='replace'))} bytes)"
+    return f"{value[:limit]!r}... ({len(value.encode(errors='replace'))} bytes)"
 
 
 class CellStreamError(Exception):
