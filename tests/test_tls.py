@@ -162,6 +162,7 @@ def test_the_ready_file_and_the_log_say_tls_is_on(tls_server: RunningServer) -> 
         "tls": True,
         "mtls": False,
         "metrics_tls": False,
+        "auth": False,
     }
     assert f"on {tls_server.address} (TLS; metrics http://" in tls_server.log()
     assert EXPOSED not in tls_server.log()

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cellstream.config_rules import (
+    AUTH_FILE,
     C_INT_COUNT,
     CERTIFICATES,
     COUNT,
@@ -108,6 +109,17 @@ class Settings:
     )
     metrics_tls_key: Path | None = field(
         default=None, metadata={"help": "the PEM private key of --metrics-tls-cert", "rule": PRIVATE_KEY}
+    )
+    auth_file: Path | None = field(
+        default=None,
+        metadata={
+            "help": "require a token on every call: the tenants, their token digests and limits "
+            "(JSON, see docs/security.md); read again when it changes",
+            "rule": AUTH_FILE,
+        },
+    )
+    auth_poll_seconds: float = setting(
+        2.0, INTERVAL, "look at --auth-file this often: a revoked token is refused within it (0 = never)"
     )
     models: Path = field(
         default_factory=bundled_models_dir, metadata={"help": "model repository dir", "rule": READABLE_DIR}

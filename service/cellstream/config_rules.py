@@ -257,6 +257,21 @@ def pem_file(content: Callable[[Path], None]) -> Rule:
     return Rule("PEM", _path_or_none, check)
 
 
+def _check_auth_file(value: object) -> None:
+    """An auth file the server can use: its tenants are read now, so a typo fails the start."""
+    if value is None:
+        return
+    if not isinstance(value, Path):
+        raise ValueError("must be a file name")
+    from cellstream.tenants import parse_auth_file  # noqa: PLC0415 - keep `--help` fast
+
+    try:
+        data = value.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot be read ({exc.strerror or exc})") from None
+    parse_auth_file(data)
+
+
 COUNT = integer(1)  # sizes and counts where 0 would mean nothing works
 LIMIT = integer(0)  # 0 means no limit (for --inline-batch: never inline)
 C_INT_COUNT = integer(1, C_INT_MAX)
@@ -275,3 +290,4 @@ LOG_FORMAT = choice("text", "json")
 OTLP_ENDPOINT = Rule("HOST:PORT", str, _check_otlp_endpoint)
 CERTIFICATES = pem_file(check_certificates)
 PRIVATE_KEY = pem_file(check_private_key)
+AUTH_FILE = Rule("FILE", _path_or_none, _check_auth_file)

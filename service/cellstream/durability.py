@@ -8,6 +8,7 @@ files are encoded and decoded off the event loop. Streams of a model version tha
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -17,8 +18,10 @@ from cellstream import metrics
 from cellstream.batching.batcher import Batcher
 from cellstream.engine import Engine
 from cellstream.errors import BadInput, Draining, TooManyStreams, UnknownModel, quoted
+from cellstream.ids import SEP, local_id
 from cellstream.streams.snapshot import ModelSection, SnapshotError, decode, encode
 from cellstream.streams.store import StateStore, StreamRows
+from cellstream.tenants import ANONYMOUS, Tenant
 from cellstream.validate import MAX_STEP
 
 log = logging.getLogger(__name__)
@@ -111,13 +114,13 @@ class Durability:
         for section, batcher in servable:
             self._check(section, batcher, claimed)
         directory = self.deployment.directory
-        if self.engine.settings.evict != "lru":
-            new = sum(1 for stream_id in claimed if directory.key_of(stream_id) is None)
-            if directory.excess(new):
-                raise TooManyStreams(
-                    f"the import holds {new} new streams; with the {len(directory)} here that is over "
-                    f"--max-streams {directory.max_streams}: nothing was imported"
-                )
+        new = [stream_id for stream_id in claimed if directory.key_of(stream_id) is None]
+        directory.check_tenant_room(new)
+        if self.engine.settings.evict != "lru" and directory.excess(len(new)):
+            raise TooManyStreams(
+                f"the import holds {len(new)} new streams; with the {len(directory)} here that is over "
+                f"--max-streams {directory.max_streams}: nothing was imported"
+            )
         restored = 0
         for section, batcher in servable:
             await batcher.between_runs(partial(StateStore.restore, rows=section.rows))
@@ -125,17 +128,25 @@ class Durability:
         self._count_dropped(sections, {id(section) for section, _ in servable})
         return restored, sum(len(s.rows) for s in sections) - restored
 
-    async def export_file(self, models: Sequence[str] = ()) -> list[bytes]:
-        """A snapshot file's bytes (as chunks) of the given models' streams."""
+    async def export_file(self, models: Sequence[str] = (), *, tenant: Tenant = ANONYMOUS) -> list[bytes]:
+        """A snapshot file's bytes (as chunks) of the given models' streams: a tenant's own, under
+        the ids it knows them by, or (for an admin) every stream, each keeping its tenant."""
+        for name in models:
+            tenant.check_model(name)
         sections = await self.snapshot(models)
-        return await asyncio.to_thread(encode, sections)
+        return await asyncio.to_thread(lambda: encode(sections if tenant.admin else _own(sections, tenant)))
 
-    async def import_file(self, data: bytes | bytearray) -> tuple[int, int]:
-        """Load a snapshot file's streams; returns (restored, dropped)."""
+    async def import_file(self, data: bytes | bytearray, *, tenant: Tenant = ANONYMOUS) -> tuple[int, int]:
+        """Load a snapshot file's streams (into the tenant's own, unless an admin imports); returns
+        (restored, dropped)."""
         try:
             _, sections = await asyncio.to_thread(decode, data)
         except SnapshotError as exc:
             raise BadInput(f"not a usable snapshot file: {exc}") from exc
+        if not tenant.admin:
+            sections = await asyncio.to_thread(_scoped, sections, tenant)
+        for section in sections:
+            tenant.check_model(section.name)
         if self.engine.draining:
             raise Draining("the server is shutting down")
         return await self.import_sections(sections)
@@ -188,7 +199,7 @@ class Durability:
             key = directory.key_of(stream_id)
             if stream_id in claimed or (key is not None and key != batcher.key):
                 raise BadInput(
-                    f"{where}: stream {quoted(stream_id)} is on another model or twice in the file"
+                    f"{where}: stream {quoted(local_id(stream_id))} is on another model or twice in the file"
                 )
         claimed.update(rows.ids)
 
@@ -197,3 +208,33 @@ class Durability:
         cutoff = time.monotonic() - ttl
         batchers = list(self.deployment.batchers.values())
         return sum([await b.between_runs(lambda s: s.expire(cutoff)) for b in batchers])
+
+
+def _own(sections: Sequence[ModelSection], tenant: Tenant) -> list[ModelSection]:
+    """The sections with only the tenant's streams, under the ids it knows them by."""
+    owned = []
+    for section in sections:
+        rows = section.rows
+        keep = [i for i, key in enumerate(rows.ids) if tenant.owns(key)]
+        mine = StreamRows(
+            ids=[local_id(rows.ids[i]) for i in keep],
+            steps=rows.steps[keep],
+            replayable=rows.replayable[keep],
+            last_output=rows.last_output[keep],
+            states=[state[keep] for state in rows.states],
+        )
+        owned.append(dataclasses.replace(section, rows=mine))
+    return owned
+
+
+def _scoped(sections: Sequence[ModelSection], tenant: Tenant) -> list[ModelSection]:
+    """A tenant's import: every stream becomes its own; a file holding other tenants' streams is
+    an admin's to import."""
+    scoped = []
+    for section in sections:
+        ids = section.rows.ids
+        if SEP in "".join(ids):
+            tenant.check_admin("importing a file that holds the streams of tenants (an admin's export)")
+        rows = dataclasses.replace(section.rows, ids=tenant.keys(ids))
+        scoped.append(dataclasses.replace(section, rows=rows))
+    return scoped

@@ -21,9 +21,11 @@ from cellstream.batching.plan import plan_waves
 from cellstream.batching.policy import BatchPolicy
 from cellstream.batching.work import BatchResult, BatchWork, ControlWork, Sink, StepResult, StepWork
 from cellstream.config import Settings
-from cellstream.errors import BadInput, Draining, UnknownStream
+from cellstream.errors import BadInput, Draining, UnknownStream, quoted
+from cellstream.ids import local_id
 from cellstream.model import CellModel, ModelRepository, ReplyLayout
 from cellstream.streams.store import StateStore
+from cellstream.tenants import ANONYMOUS, Tenant, Tenants
 from cellstream.validate import TensorValue
 from cellstream.versions import Deployment
 
@@ -51,6 +53,7 @@ class StepOptions(TypedDict, total=False):
     seq: int
     want_state: bool
     deadline: float | None
+    tenant: Tenant
 
 
 @dataclass(frozen=True)
@@ -115,7 +118,11 @@ class Engine:
         if self.draining:
             raise Draining("the server is shutting down: send this to another replica or retry later")
 
-    def _model_name(self, model: str) -> str:
+    def use_tenants(self, tenants: Tenants) -> None:
+        """Take an auth file's tenants: their max_streams apply to streams admitted from now on."""
+        self.deployment.directory.tenant_limits = tenants.stream_limits()
+
+    def _model_name(self, model: str, tenant: Tenant) -> str:
         self._check_open()
         name = model or self.repository.default
         if name is None:
@@ -123,6 +130,7 @@ class Engine:
                 f"no model named and this server has no default model: pick one of {self.deployment.names()}"
             )
         self.deployment.current_for(name)  # raises UnknownModel
+        tenant.check_model(name)
         return name
 
     def submit_step(
@@ -146,19 +154,26 @@ class Engine:
         seq: int = 0,
         want_state: bool = True,
         deadline: float | None = None,
+        tenant: Tenant = ANONYMOUS,
     ) -> None:
         """Validate and queue one reading (raising if it is refused); `sink` gets its outcome.
         No model named: the stream's own model, or the default one for a new stream."""
-        name = self._model_name(model or self.deployment.directory.model_of(stream_id) or "")
+        key = tenant.key(stream_id)
+        name = self._model_name(model or self.deployment.directory.model_of(key) or "", tenant)
         validate.stream_id(stream_id)
         # Checked against the stream's version (its shapes may differ from the current one's).
-        cell = self.deployment.batcher_for(stream_id, name, reset=reset).model
+        cell = self.deployment.batcher_for(key, name, reset=reset).model
         validate.reading(x, cell)
         replace = validate.states(state, cell) if state else None
-        batcher, after = self.deployment.route(stream_id, name, reset=reset)
+        tenant.charge(1)
+        try:
+            batcher, after = self.deployment.route(key, name, reset=reset)
+        except BaseException:
+            tenant.refund(1)
+            raise
         batcher.submit(
             StepWork(
-                stream_id,
+                key,
                 x,
                 sink,
                 seq=seq,
@@ -179,23 +194,25 @@ class Engine:
         *,
         want_state: bool = True,
         deadline: float | None = None,
+        tenant: Tenant = ANONYMOUS,
     ) -> BatchResult:
         """Validate the whole batch, then apply it; any bad item fails it before anything runs.
 
         A batch larger than the policy's check chunk is checked and admitted a chunk per turn of
         the event loop (other callers go on meanwhile); its new streams are admitted all or none.
         """
-        name = self._model_name(model)
+        name = self._model_name(model, tenant)
         current = self.deployment.current_for(name)
-        stream_ids = list(stream_ids)
-        n = len(stream_ids)
+        ids = list(stream_ids)  # as the tenant knows them; `keys` as the server does
+        n = len(ids)
         x = validate.batch_inputs(n, inputs, current.model, self.settings.max_batch_request)
         bad_row = validate.first_bad_row(x)
         store = current.store
         chunk = self.deployment.policy.check_chunk
         large = n > chunk
+        keys = tenant.keys(ids) if not large or not tenant.prefix else await intake.keys(tenant, ids, chunk)
         generation = store.generation
-        looked_up = store.lookup(stream_ids) if not large else await intake.lookup(store, stream_ids, chunk)
+        looked_up = store.lookup(keys) if not large else await intake.lookup(store, keys, chunk)
         present = looked_up[looked_up >= 0]
         known = len(present) == n  # every stream is in this version's store already
         validate.batch_reply_fits(
@@ -209,7 +226,7 @@ class Engine:
         errors = [] if bad_row is None else [bad_row]
         if missing is not None:
             for start in range(0, len(missing), chunk):  # (positions ascend: the first found is first)
-                found = self.deployment.batch_problems(stream_ids, missing[start : start + chunk], current)
+                found = self.deployment.batch_problems(ids, keys, missing[start : start + chunk], current)
                 if found:
                     errors += found
                     break
@@ -218,16 +235,22 @@ class Engine:
         if errors:
             raise min(errors, key=lambda error: error[0])[1]
         rows = looked_up if known else None
-        waves = plan_waves(stream_ids, rows) if not large else await intake.waves(stream_ids, rows, chunk)
+        # (a tenant's keys repeat where its ids do: the shorter ids are hashed faster)
+        waves = plan_waves(ids, rows) if not large else await intake.waves(ids, rows, chunk)
         current.check_room(n)
-        if missing is not None and not large:
-            store.admit(stream_ids)
-        elif missing is not None:
-            await intake.admit(store, stream_ids, chunk, lambda: self._still_admissible(current, n))
+        tenant.charge(n)
+        try:
+            if missing is not None and not large:
+                store.admit(keys)
+            elif missing is not None:
+                await intake.admit(store, keys, chunk, lambda: self._still_admissible(current, n))
+        except BaseException:
+            tenant.refund(n)
+            raise
         future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
         current.submit(
             BatchWork(
-                stream_ids,
+                keys,
                 x.astype(np.float32),
                 future,
                 waves,
@@ -246,12 +269,12 @@ class Engine:
             raise Draining(f"model {batcher.model.name!r} changed version meanwhile: send it again")
         batcher.check_room(readings)
 
-    def _existing(self, stream_id: str) -> Batcher:
+    def _existing(self, key: str) -> Batcher:
         """The batcher holding an existing stream (NOT_FOUND if none)."""
         self._check_open()
-        batcher = self.deployment.holding(stream_id)
+        batcher = self.deployment.holding(key)
         if batcher is None:
-            raise UnknownStream(f"stream {stream_id!r} does not exist")
+            raise UnknownStream(f"stream {quoted(local_id(key))} does not exist")
         return batcher
 
     async def _control(self, batcher: Batcher, stream_id: str, action: ControlAction[T]) -> T:
@@ -260,57 +283,70 @@ class Engine:
         batcher.submit(work)
         return await work.future
 
-    async def get_state(self, stream_id: str) -> StreamView:
+    async def get_state(self, stream_id: str, *, tenant: Tenant = ANONYMOUS) -> StreamView:
         validate.stream_id(stream_id)
-        batcher = self._existing(stream_id)
+        key = tenant.key(stream_id)
+        batcher = self._existing(key)
 
         def read(store: StateStore, row: int | None) -> StreamView:
             if row is None:
-                raise UnknownStream(f"stream {stream_id!r} does not exist")
+                raise UnknownStream(f"stream {quoted(stream_id)} does not exist")
             return _view(store, stream_id, row)
 
-        return await self._control(batcher, stream_id, read)
+        return await self._control(batcher, key, read)
 
     async def set_state(
-        self, stream_id: str, model: str, state: Mapping[str, TensorValue], step: int
+        self,
+        stream_id: str,
+        model: str,
+        state: Mapping[str, TensorValue],
+        step: int,
+        *,
+        tenant: Tenant = ANONYMOUS,
     ) -> StreamView:
         validate.stream_id(stream_id)
         validate.step(step)
-        name = self._model_name(model or self.deployment.directory.model_of(stream_id) or "")
-        values = validate.states(state, self.deployment.batcher_for(stream_id, name).model)
-        batcher, _ = self.deployment.route(stream_id, name, readings=0)
+        key = tenant.key(stream_id)
+        name = self._model_name(model or self.deployment.directory.model_of(key) or "", tenant)
+        values = validate.states(state, self.deployment.batcher_for(key, name).model)
+        batcher, _ = self.deployment.route(key, name, readings=0)
 
         def write(store: StateStore, row: int | None) -> StreamView:
             if row is None:
-                row = int(store.create([stream_id])[0])
+                row = int(store.create([key])[0])
             store.write(row, values, step)
             return _view(store, stream_id, row)
 
-        return await self._control(batcher, stream_id, write)
+        return await self._control(batcher, key, write)
 
-    async def delete(self, stream_id: str) -> bool:
+    async def delete(self, stream_id: str, *, tenant: Tenant = ANONYMOUS) -> bool:
         validate.stream_id(stream_id)
+        key = tenant.key(stream_id)
         try:
-            batcher = self._existing(stream_id)
+            batcher = self._existing(key)
         except UnknownStream:
             return False
 
         def drop(store: StateStore, row: int | None) -> bool:
-            return store.delete([stream_id]) > 0
+            return store.delete([key]) > 0
 
-        return await self._control(batcher, stream_id, drop)
+        return await self._control(batcher, key, drop)
 
-    def list_models(self) -> list[ModelView]:
+    def list_models(self, *, tenant: Tenant = ANONYMOUS) -> list[ModelView]:
+        """The versions served, as a tenant may see them: the models it may use, its own streams
+        (an admin sees every stream)."""
         current = self.deployment.current
+        directory = self.deployment.directory
         return [
             ModelView(
                 b.model,
                 name == self.repository.default and current.get(name) is b,
-                len(b.store),
+                len(b.store) if tenant.admin else directory.count(tenant.name, b.key),
                 b.max_batch,
                 current.get(name) is b,
             )
             for (name, _), b in sorted(self.deployment.batchers.items())
+            if tenant.models is None or name in tenant.models
         ]
 
 

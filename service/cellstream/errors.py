@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from cellstream.ids import local_id
+
 SHOWN_CHARS = 64  # of a client's string quoted in an error message
 
 
@@ -38,10 +40,18 @@ class StaleSequence(CellStreamError):
 
     def __init__(self, stream_id: str, seq: int, step: int) -> None:
         super().__init__(
-            f"stream {quoted(stream_id)} is at step {step}: seq {seq} is neither the next reading "
+            f"stream {quoted(local_id(stream_id))} is at step {step}: seq {seq} is neither the next reading "
             f"(seq {step + 1}) nor a retry of the last one (seq {step})"
         )
         self.step = step
+
+
+class Unauthenticated(CellStreamError):
+    """No token, or one this server does not know (UNAUTHENTICATED)."""
+
+
+class PermissionDenied(CellStreamError):
+    """The caller's tenant may not use this model or operation (PERMISSION_DENIED)."""
 
 
 class TooManyStreams(CellStreamError):
@@ -51,6 +61,10 @@ class TooManyStreams(CellStreamError):
 class TooLarge(CellStreamError):
     """A request, or the reply it would get, is over a size limit; nothing was applied
     (RESOURCE_EXHAUSTED)."""
+
+
+class QuotaExceeded(CellStreamError):
+    """The caller's tenant is at a limit of the auth file; nothing was applied (RESOURCE_EXHAUSTED)."""
 
 
 class Overloaded(CellStreamError):

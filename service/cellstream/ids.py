@@ -2,6 +2,10 @@
 
 A stream id is 1 to 256 bytes of UTF-8 with no control character: snapshot files join ids with
 newlines, and ids show up in log lines and error messages.
+
+Inside the server a stream is known by its key: the id itself for the anonymous tenant (a server
+without --auth-file, and every snapshot written before tenants), `tenant + SEP + id` for a named
+one. SEP is a control character, so no id can contain it and a key splits one way only.
 """
 
 from __future__ import annotations
@@ -11,6 +15,18 @@ from collections.abc import Sequence
 
 MAX_ID_BYTES = 256
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+SEP = "\x1f"  # (ASCII unit separator) between a key's tenant and its id
+TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def local_id(key: str) -> str:
+    """The id of a stream key, as its tenant knows it."""
+    return key.rpartition(SEP)[2]
+
+
+def tenant_of(key: str) -> str:
+    """The tenant of a stream key ("" = anonymous)."""
+    return key.rpartition(SEP)[0]
 
 
 def id_problem(stream_id: str, where: str = "stream_id") -> str | None:
@@ -43,4 +59,23 @@ def first_id_problem(
         problem = id_problem(stream_id, f"stream_ids[{index}]")
         if problem is not None:
             return index, problem
+    return None
+
+
+def key_problem(key: str, where: str = "stream") -> str | None:
+    """What is wrong with a stream key read from a file (a tenant's name, its separator, a valid id)."""
+    tenant, sep, stream_id = key.rpartition(SEP)
+    if sep and not TENANT_NAME.fullmatch(tenant):
+        return f"{where} {key!r} names no valid tenant"
+    return id_problem(stream_id, where)
+
+
+def first_key_problem(keys: Sequence[str]) -> tuple[int, str] | None:
+    """(index, message) of the first bad key, or None; keys of no tenant take the fast path."""
+    if SEP not in "".join(keys):  # (in C)
+        return first_id_problem(keys)
+    for i, key in enumerate(keys):
+        problem = key_problem(key, f"stream {i}")
+        if problem is not None:
+            return i, problem
     return None

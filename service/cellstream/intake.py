@@ -1,6 +1,7 @@
-"""A large StepBatch's intake a chunk per turn of the event loop: row look-ups, the ids' dict for
-its waves, and admission of its new streams (all or none). 100,000 ids are 100,000 dict
-operations: done at once they would hold every other caller for a tenth of a second or more."""
+"""A large StepBatch's intake a chunk per turn of the event loop: its tenant's stream keys, row
+look-ups, the ids' dict for its waves, and admission of its new streams (all or none). 100,000 ids
+are 100,000 dict operations: done at once they would hold every other caller for a tenth of a
+second or more."""
 
 from __future__ import annotations
 
@@ -11,6 +12,16 @@ import numpy as np
 
 from cellstream.batching.plan import Waves, one_wave, plan_waves, waves_of
 from cellstream.streams.store import StateStore
+from cellstream.tenants import Tenant
+
+
+async def keys(tenant: Tenant, stream_ids: list[str], chunk: int) -> list[str]:
+    """Tenant.keys, a chunk per loop turn."""
+    scoped: list[str] = []
+    for start in range(0, len(stream_ids), chunk):
+        scoped += tenant.keys(stream_ids[start : start + chunk])
+        await asyncio.sleep(0)
+    return scoped
 
 
 async def lookup(store: StateStore, stream_ids: list[str], chunk: int) -> np.ndarray:

@@ -128,3 +128,28 @@ SNAPSHOT_FAILURES = Counter(
 # Known reasons start at zero, so dashboards show 0 rather than "no data" before the first drop.
 for _reason in ("lru", "ttl", "model_changed", "model_missing", "invalid"):
     STREAMS_DROPPED.labels(reason=_reason)
+
+AUTH_REJECTIONS = Counter(
+    "cellstream_auth_rejections",
+    "Calls refused for who made them (no tenant label: tenants are not bounded), by reason.",
+    ["reason"],
+    registry=REGISTRY,
+)
+QUOTA_REJECTIONS = Counter(
+    "cellstream_quota_rejections",
+    "Work refused because its tenant was at a limit of the auth file, by limit.",
+    ["limit"],
+    registry=REGISTRY,
+)
+AUTH_RELOADS = Counter(
+    "cellstream_auth_reloads",
+    "Times a changed --auth-file was read: taken, or invalid (the previous tenants kept).",
+    ["result"],
+    registry=REGISTRY,
+)
+for _reason in ("missing_token", "unknown_token", "model_denied", "admin_only"):
+    AUTH_REJECTIONS.labels(reason=_reason)
+for _limit in ("max_streams", "max_steps_per_second", "max_stream_calls"):
+    QUOTA_REJECTIONS.labels(limit=_limit)
+for _result in ("ok", "invalid"):
+    AUTH_RELOADS.labels(result=_result)

@@ -30,6 +30,7 @@ from cellstream.config import SettingError, Settings, names_of
 from cellstream.durability import Durability
 from cellstream.engine import Engine
 from cellstream.model import ModelRepository
+from cellstream.protocols.auth import Authenticator
 from cellstream.protocols.cellstream_v1 import CellStreamServicer, add_to_server
 from cellstream.protocols.prometheus_http import MetricsEndpoint
 from cellstream.protocols.tls import GrpcTls, grpc_tls, metrics_tls
@@ -53,14 +54,19 @@ def is_loopback(host: str) -> bool:
         return host.lower() == "localhost" or host.lower().endswith(".localhost")
 
 
-def exposure_warning(address: str, tls: GrpcTls | None) -> str | None:
+def exposure_warning(address: str, tls: GrpcTls | None, auth: bool = False) -> str | None:
     """What to say when other machines can reach a server that neither encrypts nor authenticates."""
     if tls is not None or is_loopback(split_address(address)[0]):
         return None
+    if auth:
+        return (
+            f"gRPC on {address} is plaintext and reachable from other machines: its tokens and "
+            f"readings can be read on the way; add {names_of('tls_cert')} and {names_of('tls_key')}"
+        )
     return (
         f"gRPC on {address} is plaintext with no auth and reachable from other machines: add "
         f"{names_of('tls_cert')} and {names_of('tls_key')} (and {names_of('tls_client_ca')} to require "
-        "client certificates), or listen on 127.0.0.1"
+        f"client certificates) and {names_of('auth_file')} for tokens, or listen on 127.0.0.1"
     )
 
 
@@ -136,6 +142,7 @@ class Server:
         self._tasks: list[asyncio.Task[None]] = []
         self.engine: Engine | None = None
         self.durability: Durability | None = None
+        self.auth: Authenticator | None = None
         self._tracing = Tracing(settings.otlp_endpoint) if settings.otlp_endpoint else None
         self._tls = grpc_tls(settings)  # (SettingError: the files broke since the settings check)
         self._metrics_tls = metrics_tls(settings)
@@ -154,20 +161,27 @@ class Server:
         if settings.state_dir is not None:
             self._snapshots = SnapshotDir(settings.state_dir, settings.snapshot_keep)
             self._restore(self._snapshots)
+        try:
+            self.auth = Authenticator(settings.auth_file, self.engine)
+        except ValueError as exc:  # (it changed since the settings were checked)
+            await self.engine.stop()
+            raise SettingError(f"{names_of('auth_file')}: {exc}") from None
         self.engine.start()
         server = grpc.aio.server(options=grpc_options(settings))
+        # protocols: composed here. Each authenticates its calls with `self.auth`; health and
+        # reflection carry no data and need no token.
         servicer = CellStreamServicer(
             self.engine,
             self.durability,
             settings.stream_window,
             access_log=settings.access_log,
             tracing=self._tracing,
+            auth=self.auth,
         )
         add_to_server(servicer, server)
+        services = [SERVICE_NAME]
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-        )
+        reflection.enable_server_reflection([*services, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
         host, _ = split_address(settings.address)
         try:
             if self._tls is None:
@@ -203,19 +217,20 @@ class Server:
                     f"another address with {names_of('metrics_address')}, or '' for none"
                 ) from None
             self.metrics_address = f"{metrics_host}:{self._metrics_http.port}"
-        warning = exposure_warning(self.address, self._tls)
+        warning = exposure_warning(self.address, self._tls, self.auth.enabled)
         if warning is not None:
             log.warning("%s", warning)
-        for name in ("", SERVICE_NAME):
+        for name in ("", *services):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
-            "serving %s on %s (%s; metrics %s) in %.0f ms; default model %s",
+            "serving %s on %s (%s; metrics %s) in %.0f ms; default model %s; %s",
             ", ".join(repository.models),
             self.address,
             "plaintext" if self._tls is None else self._tls.mode,
             self._metrics_url(),
             (time.perf_counter() - started) * 1000,
             repository.default,
+            "no auth" if self.auth.tenants is None else f"tokens of {len(self.auth.tenants.by_name)} tenants",
         )
         loop = asyncio.get_running_loop()
         if self._snapshots is not None and settings.snapshot_interval > 0:
@@ -224,6 +239,8 @@ class Server:
             self._tasks.append(
                 loop.create_task(self._every(settings.model_poll_interval, self.engine.reload_models))
             )
+        if self.auth.enabled and settings.auth_poll_seconds > 0:
+            self._tasks.append(loop.create_task(self._every(settings.auth_poll_seconds, self._reload_auth)))
         if settings.stream_ttl > 0:
             self._tasks.append(
                 loop.create_task(self._every(min(settings.stream_ttl / 2, 10.0), self._expire))
@@ -248,6 +265,10 @@ class Server:
                 await action()
             except Exception:
                 log.exception("periodic %s failed", getattr(action, "__name__", action))
+
+    async def _reload_auth(self) -> None:
+        assert self.auth is not None
+        await asyncio.to_thread(self.auth.reload)
 
     async def _expire(self) -> None:
         assert self.durability is not None
@@ -294,6 +315,7 @@ class Server:
             "tls": self._tls is not None,
             "mtls": self._tls is not None and self._tls.mtls,
             "metrics_tls": self._metrics_tls is not None and bool(self.metrics_address),
+            "auth": self.auth is not None and self.auth.enabled,
         }
         tmp.write_text(json.dumps(ready))
         tmp.replace(path)

@@ -25,6 +25,7 @@ from cellstream.batching.policy import BatchPolicy
 from cellstream.batching.work import ControlWork
 from cellstream.config import Settings
 from cellstream.errors import BadInput, ModelLoadError, UnknownModel, WrongModel, quoted
+from cellstream.ids import local_id
 from cellstream.model import CONFIG_FILE, CellModel, ModelFile, ModelRepository
 from cellstream.model_config import one_line
 from cellstream.streams.directory import ModelKey, StreamDirectory
@@ -121,8 +122,8 @@ class Deployment:
         batcher = self.holding(stream_id)
         if batcher is not None and batcher.model.name != name:
             raise WrongModel(
-                f"stream {stream_id!r} is bound to model {batcher.model.name!r}, not {name!r}: "
-                f"delete it or use another stream id"
+                f"stream {quoted(local_id(stream_id))} is bound to model {batcher.model.name!r}, "
+                f"not {name!r}: delete it or use another stream id"
             )
         return self.current_for(name) if batcher is None or reset else batcher
 
@@ -151,21 +152,21 @@ class Deployment:
         return current, left
 
     def batch_problems(
-        self, stream_ids: Sequence[str], missing: np.ndarray, current: Batcher
+        self, stream_ids: Sequence[str], keys: Sequence[str], missing: np.ndarray, current: Batcher
     ) -> list[tuple[int, BadInput]]:
         """What stops a StepBatch's streams from running on `current`: the first bad id among those
         not in its store (`missing`: their indexes), the first stream bound elsewhere; each named
-        by its index. Whole-list work is done in C: a batch of 100,000 must not hold the loop."""
+        by its index (`stream_ids` as the tenant sent them, `keys` as the server keeps them).
+        Whole-list work is done in C: a batch of 100,000 must not hold the loop."""
         problems = []
         positions = missing.tolist()
-        ids = [stream_ids[i] for i in positions]
-        bad_id = validate.first_bad_id(ids, positions)
+        bad_id = validate.first_bad_id([stream_ids[i] for i in positions], positions)
         if bad_id is not None:
             problems.append(bad_id)
-        keys = self.directory.keys_of(ids)
-        elsewhere = set(keys) - {None, current.key}
+        versions = self.directory.keys_of([keys[i] for i in positions])
+        elsewhere = set(versions) - {None, current.key}
         if elsewhere & set(self.batchers):
-            for i, key in zip(positions, keys, strict=True):
+            for i, key in zip(positions, versions, strict=True):
                 if key is not None and key != current.key and key in self.batchers:
                     where = "model" if key[0] != current.model.name else "an older version of model"
                     message = (

@@ -24,9 +24,11 @@ from cellstream.durability import Durability
 from cellstream.engine import Engine, Sink, StepResult, StreamView, TensorValue
 from cellstream.ids import MAX_ID_BYTES
 from cellstream.protocols.access_log import AccessLog
+from cellstream.protocols.auth import Authenticator
 from cellstream.protocols.cellstream_v1_wire import STEP_METADATA, StepReplies, batch_reply
 from cellstream.protocols.status import Context, Malformed, RequestMetrics, code_of, deadline_of, parser, rpc
 from cellstream.protocols.tracing import Tracing
+from cellstream.tenants import Tenant
 
 EXPORT_CHUNK = 1 << 20  # bytes per SnapshotChunk message
 UNNAMED = "\x00"  # a model label no served model has: counted as "unknown"
@@ -149,8 +151,10 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
         *,
         access_log: bool = False,
         tracing: Tracing | None = None,
+        auth: Authenticator | None = None,
     ) -> None:
         self.engine = engine
+        self.auth = auth or Authenticator(None, engine)
         self.durability = durability
         self.stream_window = stream_window
         self.request_metrics = RequestMetrics(engine)
@@ -158,7 +162,9 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
         self.tracing = tracing
         self._replies = StepReplies()
 
-    def _queue(self, sink: Sink[StepResult], request: pb.StepRequest, deadline: float | None) -> None:
+    def _queue(
+        self, sink: Sink[StepResult], request: pb.StepRequest, deadline: float | None, tenant: Tenant
+    ) -> None:
         values = request.input
         self.engine.queue_step(
             sink,
@@ -171,21 +177,49 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
             seq=request.seq,
             want_state=not request.omit_state,
             deadline=deadline,
+            tenant=tenant,
         )
 
     @rpc("Step", model=_request_model, trailing=_step_trailing)
-    async def Step(self, request: pb.StepRequest, context: Context) -> bytes:
+    async def Step(self, request: pb.StepRequest, context: Context, tenant: Tenant) -> bytes:
         future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
-        self._queue(future, request, deadline_of(context))
+        self._queue(future, request, deadline_of(context), tenant)
         result = await future
         if self.tracing is not None:
             self.tracing.run(result)
-        return self._replies.encode(result, request.request_id)
+        return self._replies.encode(result, request.request_id, request.stream_id)
 
     async def StepStream(
         self, request_iterator: AsyncIterator[pb.StepRequest | Malformed], context: Context
     ) -> AsyncIterator[pb.StepResponse | bytes]:
-        """Errors go in-band, one reply per request, so this call is timed per message, not as a whole."""
+        """Errors go in-band, one reply per request, so this call is timed per message, not as a whole.
+
+        The call is authenticated once, at its start; when the auth file changes, its token is
+        looked up again before the next reading (a revoked token's readings are refused in-band)."""
+        auth = self.auth
+        try:
+            digest = auth.digest_of(context.invocation_metadata())
+            tenant = auth.tenant_for(digest)
+            tenant.open_stream_call()
+        except errors.CellStreamError as exc:
+            self.request_metrics.observe("StepStream", None, code_of(exc), time.perf_counter())
+            await context.abort(code_of(exc), str(exc))
+        try:
+            async for reply in self._stream(request_iterator, context, digest, tenant):
+                yield reply
+        finally:
+            tenant.close_stream_call()
+
+    async def _stream(
+        self,
+        request_iterator: AsyncIterator[pb.StepRequest | Malformed],
+        context: Context,
+        digest: bytes,
+        tenant: Tenant,
+    ) -> AsyncIterator[pb.StepResponse | bytes]:
+        auth = self.auth
+        generation = auth.generation
+        refused: errors.CellStreamError | None = None
         call = _StreamCall(asyncio.get_running_loop(), self.stream_window)
         deadline = deadline_of(context)
         slots = call.slots
@@ -193,9 +227,16 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
         code = grpc.StatusCode.CANCELLED  # unless the call ends normally
 
         async def read() -> None:
+            nonlocal generation, refused, tenant
             try:
                 async for request in request_iterator:
                     started = time.perf_counter()
+                    if auth.generation != generation:  # the auth file changed: is the token still good?
+                        generation = auth.generation
+                        try:
+                            tenant, refused = auth.tenant_for(digest), None
+                        except errors.Unauthenticated as exc:
+                            refused = exc
                     if isinstance(request, Malformed):  # answered in-band; the call goes on
                         slot = _Slot(call, "", UNNAMED, 0, started)
                         slots.append(slot)
@@ -204,7 +245,9 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
                         slot = _Slot(call, request.stream_id, request.model, request.request_id, started)
                         slots.append(slot)
                         try:
-                            self._queue(slot, request, deadline)
+                            if refused is not None:
+                                raise refused
+                            self._queue(slot, request, deadline, tenant)
                         except errors.CellStreamError as exc:
                             slot.set_exception(exc)
                     # The window is the flow control: with `stream_window` replies unsent, reading
@@ -260,47 +303,48 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
             )
         assert slot.result is not None
         self.request_metrics.observe("StepStream", slot.model, grpc.StatusCode.OK, slot.started)
-        return self._replies.encode(slot.result, slot.request_id)
+        return self._replies.encode(slot.result, slot.request_id, slot.stream_id)
 
     @rpc("StepBatch", model=_request_model)
-    async def StepBatch(self, request: pb.StepBatchRequest, context: Context) -> bytes:
+    async def StepBatch(self, request: pb.StepBatchRequest, context: Context, tenant: Tenant) -> bytes:
         result = await self.engine.step_batch(
             request.model,
             request.stream_ids,
             request.inputs,
             want_state=not request.omit_state,
             deadline=deadline_of(context),
+            tenant=tenant,
         )
         return batch_reply(result.outputs, result.states, result.steps)
 
     @rpc("GetState", reply_model=_reply_model)
-    async def GetState(self, request: pb.GetStateRequest, context: Context) -> pb.StreamState:
-        return stream_state(await self.engine.get_state(request.stream_id))
+    async def GetState(self, request: pb.GetStateRequest, context: Context, tenant: Tenant) -> pb.StreamState:
+        return stream_state(await self.engine.get_state(request.stream_id, tenant=tenant))
 
     @rpc("SetState", model=_request_model, reply_model=_reply_model)
-    async def SetState(self, request: pb.SetStateRequest, context: Context) -> pb.StreamState:
+    async def SetState(self, request: pb.SetStateRequest, context: Context, tenant: Tenant) -> pb.StreamState:
         view = await self.engine.set_state(
-            request.stream_id, request.model, tensors_in(request.state), request.step
+            request.stream_id, request.model, tensors_in(request.state), request.step, tenant=tenant
         )
         return stream_state(view)
 
     @rpc("DeleteStream")
     async def DeleteStream(
-        self, request: pb.DeleteStreamRequest, context: Context
+        self, request: pb.DeleteStreamRequest, context: Context, tenant: Tenant
     ) -> pb.DeleteStreamResponse:
-        return pb.DeleteStreamResponse(existed=await self.engine.delete(request.stream_id))
+        return pb.DeleteStreamResponse(existed=await self.engine.delete(request.stream_id, tenant=tenant))
 
     @rpc("ExportStates")
     async def ExportStates(
-        self, request: pb.ExportStatesRequest, context: Context
+        self, request: pb.ExportStatesRequest, context: Context, tenant: Tenant
     ) -> AsyncIterator[pb.SnapshotChunk]:
-        for chunk in await self.durability.export_file(list(request.models)):
+        for chunk in await self.durability.export_file(list(request.models), tenant=tenant):
             for offset in range(0, len(chunk), EXPORT_CHUNK):
                 yield pb.SnapshotChunk(data=chunk[offset : offset + EXPORT_CHUNK])
 
     @rpc("ImportStates")
     async def ImportStates(
-        self, request_iterator: AsyncIterator[pb.SnapshotChunk | Malformed], context: Context
+        self, request_iterator: AsyncIterator[pb.SnapshotChunk | Malformed], context: Context, tenant: Tenant
     ) -> pb.ImportStatesResponse:
         limit = self.durability.engine.settings.max_import_bytes
         data = bytearray()
@@ -313,11 +357,13 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
                     f"export and import fewer models at a time (--model)"
                 )
             data += chunk.data
-        restored, dropped = await self.durability.import_file(data)  # (no copy of the file)
+        restored, dropped = await self.durability.import_file(data, tenant=tenant)  # (no copy of the file)
         return pb.ImportStatesResponse(restored=restored, dropped=dropped)
 
     @rpc("ListModels")
-    async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: Context, tenant: Tenant
+    ) -> pb.ListModelsResponse:
         models = [
             pb.ModelInfo(
                 name=view.model.name,
@@ -330,7 +376,7 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
                 max_batch=view.max_batch,
                 current=view.current,
             )
-            for view in self.engine.list_models()
+            for view in self.engine.list_models(tenant=tenant)
         ]
         return pb.ListModelsResponse(models=models)
 

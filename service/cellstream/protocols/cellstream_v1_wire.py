@@ -116,7 +116,9 @@ class StepReplies:
     def __init__(self) -> None:
         self._encoders: dict[ReplyLayout, ReplyEncoder] = {}
 
-    def encode(self, result: StepResult, request_id: int) -> bytes:
+    def encode(self, result: StepResult, request_id: int, stream_id: str) -> bytes:
+        """The reply to one reading; `stream_id` as its client sent it (the result's is the
+        server's key, which carries the tenant)."""
         run = result.run
         encoder = self._encoders.get(run.layout)
         if encoder is None:
@@ -131,7 +133,7 @@ class StepReplies:
         i = result.index
         size = encoder.output_bytes
         return encoder.encode(
-            result.stream_id,
+            stream_id,
             outputs[i * size : (i + 1) * size],
             [data[i * n : (i + 1) * n] for data, n in zip(states, encoder.state_bytes, strict=True)]
             if result.want_state

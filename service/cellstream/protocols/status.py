@@ -15,6 +15,7 @@ import grpc
 from cellstream import errors, metrics
 from cellstream.engine import Engine
 from cellstream.protocols.access_log import AccessLog
+from cellstream.protocols.auth import Authenticator
 from cellstream.protocols.tracing import Tracing
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -27,7 +28,10 @@ CODES: dict[type[errors.CellStreamError], grpc.StatusCode] = {
     errors.UnknownStream: grpc.StatusCode.NOT_FOUND,
     errors.WrongModel: grpc.StatusCode.FAILED_PRECONDITION,
     errors.StaleSequence: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.TooManyStreams: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.QuotaExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.TooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Draining: grpc.StatusCode.UNAVAILABLE,
@@ -109,6 +113,7 @@ class Servicer(Protocol):
     request_metrics: RequestMetrics
     access_log: AccessLog | None
     tracing: Tracing | None
+    auth: Authenticator
 
 
 class _Call:
@@ -152,10 +157,11 @@ def rpc(
     reply_model: Callable[[Any], str] | None = None,
     trailing: Callable[[errors.CellStreamError], Any] = lambda error: (),
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Wrap a handler (a coroutine, or an async generator for a streamed reply): time it, trace it,
-    label it by `model(request)` (None: the RPC names no model; `reply_model(reply)` on success,
-    where the reply knows better), and turn a domain error into its status code, with
-    `trailing(error)` as trailing metadata."""
+    """Wrap a handler (a coroutine, or an async generator for a streamed reply): authenticate the
+    call (the handler gets its tenant as a fourth argument), time it, trace it, label it by
+    `model(request)` (None: the RPC names no model; `reply_model(reply)` on success, where the reply
+    knows better), and turn a domain error into its status code, with `trailing(error)` as
+    trailing metadata."""
 
     def label_of(request: Any) -> str | None:
         return None if request.__class__ is Malformed else model(request)
@@ -177,9 +183,10 @@ def rpc(
             async def streamed(self: Servicer, request: Any, context: Context) -> AsyncIterator[Any]:
                 call = _Call(self, method, request, context)
                 try:
+                    tenant = self.auth.tenant_of(context)
                     if request.__class__ is Malformed:
                         raise request.error()
-                    async for reply in handler(self, request, context):
+                    async for reply in handler(self, request, context, tenant):
                         yield reply
                 except BaseException as exc:
                     await failed(call, context, exc)
@@ -192,9 +199,10 @@ def rpc(
         async def unary(self: Servicer, request: Any, context: Context) -> Any:
             call = _Call(self, method, request, context)
             try:
+                tenant = self.auth.tenant_of(context)
                 if request.__class__ is Malformed:
                     raise request.error()
-                reply = await handler(self, request, context)
+                reply = await handler(self, request, context, tenant)
             except BaseException as exc:
                 await failed(call, context, exc)
                 raise  # (abort raised already for a domain error)

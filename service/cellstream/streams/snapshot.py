@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from cellstream.ids import first_id_problem
+from cellstream.ids import first_key_problem
 from cellstream.streams.store import StreamRows
 
 log = logging.getLogger(__name__)
@@ -206,7 +206,8 @@ def _where(name: str, version: str) -> str:
 
 
 def _ids(raw: memoryview, count: int, where: str, seen: set[str]) -> list[str]:
-    """Stream ids that each pass the live id rule and are distinct across the whole file."""
+    """Stream keys that each pass the live id rule (with their tenant's name, if any) and are
+    distinct across the whole file."""
     if not count:
         return []
     try:
@@ -215,7 +216,7 @@ def _ids(raw: memoryview, count: int, where: str, seen: set[str]) -> list[str]:
         raise SnapshotError(f"{where}: stream ids are not valid UTF-8 ({exc.reason})") from exc
     if len(ids) != count:
         raise SnapshotError(f"{where}: {len(ids)} ids for {count} streams")
-    problem = first_id_problem(ids)
+    problem = first_key_problem(ids)
     if problem is not None:
         raise SnapshotError(f"{where}: {problem[1]}")
     before = len(seen)

@@ -111,7 +111,7 @@ class StateStore:
             excess = self.directory.excess(unbound)
             if excess:
                 self._evict_least_recent(excess)
-        self.directory.admit(stream_ids, self.key, defer_limit=beyond_limit)
+        self.directory.admit(stream_ids, self.key, restoring=beyond_limit)
         n = len(stream_ids)
         reuse = min(n, len(self._free))
         rows = np.empty(n, np.int64)
