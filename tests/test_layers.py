@@ -10,8 +10,9 @@ WIRE = ("grpc", "grpc_health", "grpc_reflection", "google.protobuf", "cellstream
 # Server-side code below the protocols: each may import only the layers listed (and the leaves).
 LEAVES = ("cellstream.config", "cellstream.errors", "cellstream.metrics", "cellstream.ids")
 BELOW = {
-    "model": ("cellstream.model_config",),
+    "model": ("cellstream.model_config", "cellstream.model_files"),
     "model_config": (),
+    "model_files": (),
     "streams": ("cellstream.model", "cellstream.streams"),
     "batching": ("cellstream.model", "cellstream.streams", "cellstream.batching"),
 }

@@ -159,7 +159,10 @@ class Settings:
         1 << 30, COUNT, "largest snapshot file ImportStates takes (bytes, in all)"
     )
     max_model_bytes: int = setting(
-        1 << 30, COUNT, "largest model.onnx file loaded (bytes); a bigger one is refused before it is read"
+        1 << 30,
+        COUNT,
+        "largest model loaded (bytes): model.onnx plus the external data files it names; a bigger "
+        "one is refused before it is read",
     )
     max_connections: int = setting(4096, C_INT_COUNT, "open client connections before new ones are refused")
     handshake_timeout: float = setting(

@@ -20,6 +20,7 @@ import onnxruntime as ort
 
 from cellstream.errors import ModelLoadError
 from cellstream.model_config import ModelConfig, one_line
+from cellstream.model_files import data_files, read_within
 
 log = logging.getLogger(__name__)
 
@@ -81,20 +82,6 @@ def _session_options(intra_op_threads: int) -> ort.SessionOptions:
     return options
 
 
-def _read_within(path: Path, limit: int) -> bytes:
-    """The file's bytes, refused by its size (stat) before any is read, and if it grew past it since."""
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as file:
-            data = file.read(limit + 1 if size <= limit else 0)
-    except OSError as exc:
-        raise ModelLoadError(f"{path}: cannot read it ({one_line(exc)}): make it a readable file") from exc
-    if (size := max(size, len(data))) > limit:
-        fix = "shrink the model, or raise --max-model-bytes"
-        raise ModelLoadError(f"{path}: is {size} bytes, over the limit of {limit} bytes: {fix}")
-    return data
-
-
 def _static_dims(where: str, shape: Sequence[Any]) -> tuple[int, ...]:
     """Check the batch axis is dynamic and every other axis fixed; return the per-stream shape."""
     if not shape:
@@ -128,12 +115,15 @@ class CellModel:
             self.name = name or path.parent.name
             self.version = version or config.version or "1"
             self.description, self.config_max_batch = config.description, config.max_batch
-            self.sha256 = hashlib.sha256(_read_within(path, max_model_bytes)).hexdigest()
+            data = read_within(path, max_model_bytes)
+            self.sha256 = hashlib.sha256(data).hexdigest()
+            files = data_files(path, data, max_model_bytes)  # refused here, before onnxruntime opens any
             options = _session_options(intra_op_threads)  # never registers a custom-op library
             try:
                 self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             except Exception as exc:  # onnxruntime raises its own types for a file it cannot take
                 raise ModelLoadError(f"{path}: onnxruntime cannot load it: {one_line(exc)}") from exc
+            self.data_files = files.checked(path)
             self._discover(path, config)
 
     def _discover(self, path: Path, config: ModelConfig) -> None:

@@ -51,8 +51,8 @@ def register(commands: Any) -> None:
         "--max-model-bytes",
         type=_positive,
         default=Settings.max_model_bytes,
-        help="the server's --max-model-bytes: a bigger model file is refused before it is read "
-        f"(default {Settings.max_model_bytes})",
+        help="the server's --max-model-bytes: a bigger model (model.onnx and its external data files) "
+        f"is refused before it is read (default {Settings.max_model_bytes})",
     )
     parser.set_defaults(func=_run)
 
@@ -109,6 +109,11 @@ def opset_of(path: Path) -> str:
     return f"{versions[0]} (IR version {proto.ir_version})" if versions else "unknown"
 
 
+def _relative(data_file: Path, model_file: Path) -> str:
+    """A data file as the model names it: under the model's directory (checked when it loaded)."""
+    return data_file.relative_to(model_file.parent.resolve()).as_posix()
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -128,6 +133,7 @@ def describe(model: CellModel, *, max_batch: int = Settings.max_batch) -> str:
         f"  answer  {model.output!r} [{model.output_size}]",
         f"  opset   {opset_of(model.path)}",
         f"  sha256  {model.sha256[:16]}",
+        *(f"  data    {_relative(p, model.path)!r} (external data)" for p in model.data_files),
     ]
     if model.config_max_batch is not None and model.config_max_batch > max_batch:
         lines.append(
