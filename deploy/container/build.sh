@@ -16,7 +16,10 @@
 #                CA_BUNDLE= (empty) mounts nothing.
 #   PIP_INDEX_URL     an index for pip inside the build (default: pip's own, i.e. PyPI)
 #   PIP_WHEELHOUSE    a host directory of wheels offered to pip first (find-links), e.g. one
-#                     made with `pip wheel -w DIR .` on the host; mounted at build time only.
+#                     made with `pip wheel -w DIR . hatchling` on the host (hatchling: the build
+#                     backend); mounted at build time only.
+#   PIP_NO_INDEX=1    use the wheelhouse alone, no index: for machines that cannot reach PyPI
+#                     (pip would otherwise retry it for every package before taking a wheel).
 #   BUILD_ARGS   extra arguments for `podman build`
 set -euo pipefail
 
@@ -61,6 +64,10 @@ mounts=()
         mounts+=(--volume "$(cd "$PIP_WHEELHOUSE" && pwd):/run/cellstream-build/wheels:ro")
         echo "find-links = /run/cellstream-build/wheels"
     fi
+    if [ "${PIP_NO_INDEX:-0}" = 1 ]; then
+        [ -n "${PIP_WHEELHOUSE:-}" ] || { log "PIP_NO_INDEX=1 needs PIP_WHEELHOUSE"; exit 1; }
+        echo "no-index = true"
+    fi
 } >"$tmp/pip.conf"
 mounts+=(--volume "$tmp/pip.conf:/etc/pip.conf:ro")
 
@@ -79,8 +86,11 @@ common=(--format docker --build-arg "BASE_IMAGE=$BASE_IMAGE" --file "$root/Docke
 # --format docker keeps HEALTHCHECK (the OCI image format has no such field).
 # shellcheck disable=SC2086
 podman build "${common[@]}" "${mounts[@]}" --target build --tag "$IMAGE-build" ${BUILD_ARGS:-} "$root"
+# Pass 2 must take stage 1 from the cache (it has no pip settings): --no-cache is for pass 1 only.
+pass2_args=${BUILD_ARGS:-}
+pass2_args=${pass2_args//--no-cache/}
 # shellcheck disable=SC2086
-podman build "${common[@]}" --tag "$IMAGE" ${BUILD_ARGS:-} "$root"
+podman build "${common[@]}" --tag "$IMAGE" $pass2_args "$root"
 secs=$(( $(date +%s) - start ))
 size=$(podman image inspect --format '{{.Size}}' "$IMAGE")
 log "built $IMAGE in ${secs}s, $(( size / 1000000 )) MB (wheel stage kept as $IMAGE-build for the layer cache)"

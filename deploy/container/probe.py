@@ -6,11 +6,19 @@ exits non-zero with a message on stderr when a check fails.
 
     probe.py step ADDRESS STREAM N        N steps of a fixed reading; prints step + state digest
     probe.py state ADDRESS STREAM         GetState; prints step + state digest
+    probe.py refused ADDRESS STREAM CODE SIZE
+                                          a step (SIZE values) that must fail with status CODE
     probe.py metrics URL NAME...          fetch /metrics, require each metric name to be present
+
+TLS and the token come from the variables the client commands read (CELLSTREAM_TLS_CA,
+CELLSTREAM_TLS_CLIENT_CERT, CELLSTREAM_TLS_CLIENT_KEY; CELLSTREAM_TOKEN or
+CELLSTREAM_TOKEN_FILE), so that no secret is on a command line; without them the probe speaks
+plaintext and sends no token.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import sys
@@ -27,20 +35,23 @@ def _digest(state: dict[str, Any]) -> str:
 
 
 def _client(address: str) -> Any:
-    from cellstream.client import Client  # noqa: PLC0415
+    from cellstream.tools.client_options import client_from  # noqa: PLC0415
 
-    return Client(address, timeout=10.0)
+    # The client commands' own rules for the TLS and token variables: the probe sees what
+    # `cellstream replay` would.
+    return client_from(argparse.Namespace(address=address, timeout=10.0))
 
 
 def step(address: str, stream: str, n: int) -> dict[str, Any]:
     client = _client(address)
     try:
         models = {m.name: m for m in client.list_models()}
-        reply = None
+        reply, size = None, _input_size(models)
         for i in range(n):
-            reply = client.step(stream, [0.1 * (i + 1)] * _input_size(models))
+            reply = client.step(stream, [0.1 * (i + 1)] * size)
         assert reply is not None
         return {
+            "input_size": size,
             "step": int(reply.step),
             "state": _digest(reply.state),
             "output": [float(v) for v in reply.output],
@@ -61,6 +72,23 @@ def state(address: str, stream: str) -> dict[str, Any]:
         return {"step": int(reply.step), "state": _digest(reply.state)}
     finally:
         client.close()
+
+
+def refused(address: str, stream: str, code: str, size: int) -> dict[str, Any]:
+    import grpc  # noqa: PLC0415
+
+    client = _client(address)
+    try:
+        client.step(stream, [0.5] * size)
+    except grpc.RpcError as error:
+        got, message = error.code().name, error.details()
+    else:
+        got, message = "OK", ""
+    finally:
+        client.close()
+    if got != code:
+        raise SystemExit(f"a step of {stream!r} at {address} got {got} ({message}), want {code}")
+    return {"code": got, "message": message}
 
 
 def metrics(url: str, names: list[str]) -> dict[str, Any]:
@@ -89,6 +117,8 @@ def main(argv: list[str]) -> int:
         result = step(args[0], args[1], int(args[2]))
     elif command == "state":
         result = state(args[0], args[1])
+    elif command == "refused":
+        result = refused(args[0], args[1], args[2], int(args[3]))
     elif command == "metrics":
         result = metrics(args[0], args[1:])
     else:
