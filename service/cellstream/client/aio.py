@@ -11,6 +11,7 @@ import grpc
 
 from cellstream._proto.cellstream.v1 import cellstream_pb2 as pb
 from cellstream._proto.cellstream.v1 import cellstream_pb2_grpc as pb_grpc
+from cellstream.client.auth import AioTokenChannel, bearer
 from cellstream.client.client import CHANNEL_OPTIONS
 from cellstream.client.errors import Cancelled, CellStreamError, InvalidArgument, translated
 from cellstream.client.messages import (
@@ -34,7 +35,8 @@ from cellstream.client.tls import TLS
 
 
 class AsyncClient:
-    """asyncio client with the same methods as `Client` (no `resume`, export or import), awaited."""
+    """asyncio client with the same methods as `Client` (no `resume`, export or import), awaited;
+    `tls` and `token` as for `Client`."""
 
     def __init__(
         self,
@@ -43,19 +45,29 @@ class AsyncClient:
         timeout: float | None = 30.0,
         options: Sequence[tuple[str, Any]] = (),
         tls: TLS | None = None,
+        token: str | None = None,
     ) -> None:
         self.address = address
         self.timeout = timeout
-        if tls is None:
-            self._channel = grpc.aio.insecure_channel(address, options=[*CHANNEL_OPTIONS, *options])
-        else:
-            self._channel = grpc.aio.secure_channel(
+        self._tls = tls
+        pairs = None if token is None else bearer(token)  # refused before a channel is open
+        channel = (
+            grpc.aio.insecure_channel(address, options=[*CHANNEL_OPTIONS, *options])
+            if tls is None
+            else grpc.aio.secure_channel(
                 address, tls.credentials(), options=[*CHANNEL_OPTIONS, *tls.options(), *options]
             )
+        )
+        self._channel = channel if pairs is None else AioTokenChannel(channel, pairs)
+        self._has_token = pairs is not None
         self._stub = pb_grpc.CellStreamStub(self._channel)
         self._sizes = InputSizes()
         self._closed = False
         self._listing: asyncio.Future[list[pb.ModelInfo]] | None = None
+
+    def __repr__(self) -> str:
+        token = "'<hidden>'" if self._has_token else "None"
+        return f"{type(self).__name__}({self.address!r}, tls={self._tls!r}, token={token})"
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cellstream._proto.cellstream.v1 import cellstream_pb2 as pb
 from cellstream._proto.cellstream.v1 import cellstream_pb2_grpc as pb_grpc
+from cellstream.client.auth import TokenChannel, bearer
 from cellstream.client.errors import (
     Cancelled,
     CellStreamError,
@@ -81,6 +82,8 @@ class Client:
     then applied exactly once, as if the server had never stopped.
 
     With `tls` the channel is TLS (mTLS when it holds a client certificate); without, plaintext.
+    With `token` every call carries `authorization: Bearer <token>` (a server with `--auth-file`
+    wants one); a token that cannot be a header value is a ValueError here, before connecting.
     """
 
     def __init__(
@@ -93,23 +96,34 @@ class Client:
         resume: bool = False,
         resume_window: int = 100_000,
         retry_seconds: float = 60.0,
+        token: str | None = None,
     ) -> None:
         self.address = address
         self.timeout = timeout
         self.resume = resume
         self.retry_seconds = retry_seconds
-        if tls is None:
-            self._channel = grpc.insecure_channel(address, options=[*CHANNEL_OPTIONS, *options])
-        else:
-            self._channel = grpc.secure_channel(
+        self._tls = tls
+        pairs = None if token is None else bearer(token)  # refused before a channel is open
+        channel = (
+            grpc.insecure_channel(address, options=[*CHANNEL_OPTIONS, *options])
+            if tls is None
+            else grpc.secure_channel(
                 address, tls.credentials(), options=[*CHANNEL_OPTIONS, *tls.options(), *options]
             )
+        )
+        # The channel adds the token, so every call has it: the retries, health, stubs made later.
+        self._channel = channel if pairs is None else TokenChannel(channel, pairs)
+        self._has_token = pairs is not None
         self._stub = pb_grpc.CellStreamStub(self._channel)
         self._sizes = InputSizes()
         self._closed = False
         self._window = resume_window
         self._sent: dict[str, deque[pb.StepRequest]] = {}
         self._next_seq: dict[str, int] = {}
+
+    def __repr__(self) -> str:
+        token = "'<hidden>'" if self._has_token else "None"
+        return f"{type(self).__name__}({self.address!r}, tls={self._tls!r}, token={token})"
 
     def __enter__(self) -> Client:
         return self
@@ -268,12 +282,23 @@ class Client:
         return models
 
     def export_states(self, path: Path, models: Sequence[str] = ()) -> int:
-        """Write the server's streams (or those of some models) to a snapshot file; returns its size."""
+        """Write the server's streams (or those of some models) to a snapshot file; returns its size.
+
+        Written beside `path` and renamed over it once whole: a refused or broken call (a
+        missing token, the server gone) leaves no partial file, and whatever was at `path`."""
+        path = Path(path)
+        partial = path.with_name(f".{path.name}.partial")
+        request = pb.ExportStatesRequest(models=models)
         size = 0
-        with path.open("wb") as out, self._rpc():
-            for chunk in self._stub.ExportStates(pb.ExportStatesRequest(models=models), timeout=self.timeout):
-                out.write(chunk.data)
-                size += len(chunk.data)
+        try:
+            with partial.open("wb") as out, self._rpc():
+                for chunk in self._stub.ExportStates(request, timeout=self.timeout):
+                    out.write(chunk.data)
+                    size += len(chunk.data)
+            partial.replace(path)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
         return size
 
     def import_states(self, path: Path) -> tuple[int, int]:

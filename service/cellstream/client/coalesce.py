@@ -79,7 +79,8 @@ class StepperStats:
 
 
 class Stepper:
-    """Shared by many tasks: `await step(stream_id, reading)` per reading, sent in StepBatch calls."""
+    """Shared by many tasks: `await step(stream_id, reading)` per reading, sent in StepBatch calls.
+    Given an address, it makes its own `AsyncClient` with `tls` and `token`."""
 
     def __init__(
         self,
@@ -90,14 +91,17 @@ class Stepper:
         max_batch: int = 10_000,
         want_state: bool = True,
         tls: TLS | None = None,
+        token: str | None = None,
     ) -> None:
         if max_in_flight < 1 or max_batch < 1:
             raise ValueError("max_in_flight and max_batch must be at least 1")
-        if tls is not None and not isinstance(client_or_address, str):
-            raise ValueError("tls is for an address: a given AsyncClient brings its own channel")
+        if not isinstance(client_or_address, str):
+            for name, given in (("tls", tls), ("token", token)):
+                if given is not None:
+                    raise ValueError(f"{name} is for an address: a given AsyncClient brings its own channel")
         self._owns_client = isinstance(client_or_address, str)
         self._client = (
-            AsyncClient(client_or_address, tls=tls)
+            AsyncClient(client_or_address, tls=tls, token=token)
             if isinstance(client_or_address, str)
             else client_or_address
         )
@@ -116,6 +120,9 @@ class Stepper:
         self._idle = asyncio.Event()
         self._idle.set()
         self._closed = False
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._client!r}, model={self.model!r})"
 
     async def __aenter__(self) -> Stepper:
         return self

@@ -91,6 +91,9 @@ class AlreadyExists(CellStreamError):
 
 
 class PermissionDenied(CellStreamError):
+    """The token is known, but its tenant may not do this: a model it may not use, an
+    admin-only operation, another tenant's streams in an import."""
+
     status = grpc.StatusCode.PERMISSION_DENIED
 
 
@@ -133,6 +136,9 @@ class DataLoss(CellStreamError):
 
 
 class Unauthenticated(CellStreamError):
+    """The server wants a token (`token=`, `--token`) and got none, or one it does not know
+    (revoked, or mistyped)."""
+
     status = grpc.StatusCode.UNAUTHENTICATED
 
 

@@ -1,17 +1,18 @@
-"""`cellstream serve | health | models` — argument parsing only; the work lives elsewhere."""
+"""`cellstream serve | health | models | state | auth` — argument parsing only; the work lives
+elsewhere."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, NoReturn
+from typing import NoReturn
 
 from cellstream import __version__
-from cellstream.tools.client_options import add_tls_arguments, tls_from
+from cellstream.tools.client_options import add_client_arguments, call_failed, client_from
 
-if TYPE_CHECKING:
-    from cellstream.client import Client
+EXIT_FAILED = 1
+EXIT_USAGE = 2
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -32,31 +33,24 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
 
 
-def _client(args: argparse.Namespace) -> Client:
-    """The command's client: `--address`, `--timeout` and the TLS flags. Raises ValueError for
-    a TLS file that is missing or not PEM."""
-    from cellstream.client import Client  # noqa: PLC0415
-
-    return Client(args.address, timeout=args.timeout, tls=tls_from(args))
-
-
-def _bad_tls(command: str, exc: ValueError) -> int:
-    print(f"cellstream {command}: {exc}", file=sys.stderr)
-    return 2
+def _refused(command: str, problem: object) -> int:
+    """A command that cannot start (a TLS file, a token, a path): one line, exit 2."""
+    print(f"cellstream {command}: {problem}", file=sys.stderr)
+    return EXIT_USAGE
 
 
 def _health(args: argparse.Namespace) -> int:
     import grpc  # noqa: PLC0415
 
     try:
-        client = _client(args)
+        client = client_from(args)
     except ValueError as exc:
-        return _bad_tls("health", exc)
+        return _refused("health", exc)
     try:
         serving = client.health(args.service)
     except grpc.RpcError as exc:
-        print(f"{args.address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        return 1
+        print(call_failed(args.address, exc), file=sys.stderr)
+        return EXIT_FAILED
     finally:
         client.close()
     print("SERVING" if serving else "NOT_SERVING")
@@ -89,23 +83,39 @@ def _models_list(args: argparse.Namespace) -> int:
 
 
 def _state_export(args: argparse.Namespace) -> int:
+    import grpc  # noqa: PLC0415
+
     try:
-        client = _client(args)
+        client = client_from(args)
     except ValueError as exc:
-        return _bad_tls("state export", exc)
-    with client:
-        size = client.export_states(args.out, args.model or ())
+        return _refused("state export", exc)
+    try:
+        with client:
+            size = client.export_states(args.out, args.model or ())
+    except grpc.RpcError as exc:
+        print(f"cellstream state export: {call_failed(args.address, exc)}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as exc:
+        return _refused("state export", f"--out '{args.out}': {exc.strerror}")
     print(f"wrote {size} bytes to {args.out}")
     return 0
 
 
 def _state_import(args: argparse.Namespace) -> int:
+    import grpc  # noqa: PLC0415
+
     try:
-        client = _client(args)
+        client = client_from(args)
     except ValueError as exc:
-        return _bad_tls("state import", exc)
-    with client:
-        restored, dropped = client.import_states(args.file)
+        return _refused("state import", exc)
+    try:
+        with client:
+            restored, dropped = client.import_states(args.file)
+    except grpc.RpcError as exc:
+        print(f"cellstream state import: {call_failed(args.address, exc)}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as exc:
+        return _refused("state import", f"'{args.file}': {exc.strerror}")
     print(f"restored {restored} streams, dropped {dropped} (model not served here or changed)")
     return 0
 
@@ -136,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--address", default="127.0.0.1:50051")
     health.add_argument("--service", default="")
     health.add_argument("--timeout", type=float, default=3.0)
-    add_tls_arguments(health)
+    add_client_arguments(health)  # the health service needs no token; one given is sent all the same
     health.set_defaults(func=_health)
 
     models = commands.add_parser("models", help="inspect a model repository")
@@ -153,19 +163,20 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=_path, required=True)
     export.add_argument("--model", action="append", help="only this model (repeatable)")
     export.add_argument("--timeout", type=float, default=300.0)
-    add_tls_arguments(export)
+    add_client_arguments(export)
     export.set_defaults(func=_state_export)
     load = state_commands.add_parser("import", help="load a snapshot file into a server")
     load.add_argument("file", type=_path)
     load.add_argument("--address", default="127.0.0.1:50051")
     load.add_argument("--timeout", type=float, default=300.0)
-    add_tls_arguments(load)
+    add_client_arguments(load)
     load.set_defaults(func=_state_import)
 
-    from cellstream.tools import check, replay  # noqa: PLC0415 - both import their heavy deps lazily
+    from cellstream.tools import auth, check, replay  # noqa: PLC0415 - heavy deps are imported lazily
 
     check.register(model_commands)
     replay.register(commands)
+    auth.register(commands)
     return parser
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from cellstream.tools.client_options import add_tls_arguments, tls_from
+from cellstream.tools.client_options import add_client_arguments, call_failed, client_from
 from cellstream.tools.replay_plot import Labels, answered_by, answers_in, plot
 from cellstream.tools.replay_table import ReplayError, Row, Table, read_table
 
@@ -59,7 +59,7 @@ def register(commands: Any) -> None:
     )
     parser.add_argument("csv", type=Path, help="the CSV file; its first line names the columns")
     parser.add_argument("--address", default="127.0.0.1:50051", help="the server (host:port)")
-    add_tls_arguments(parser)
+    add_client_arguments(parser)
     parser.add_argument("--model", default="", help="the model to use (default: the server's default)")
     parser.add_argument("--stream-col", default="", help="column naming each row's stream")
     parser.add_argument(
@@ -100,8 +100,6 @@ def register(commands: Any) -> None:
 def _run(args: argparse.Namespace) -> int:
     import grpc  # noqa: PLC0415
 
-    from cellstream.client import Client  # noqa: PLC0415
-
     if args.seq and args.reset:
         print("cellstream replay: --seq and --reset exclude each other", file=sys.stderr)
         return EXIT_USAGE
@@ -111,7 +109,7 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     value_cols = tuple(c.strip() for c in args.value_cols.split(",") if c.strip())
     try:
-        client = Client(args.address, timeout=args.timeout, tls=tls_from(args))
+        client = client_from(args)
     except ValueError as exc:
         print(f"cellstream replay: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -130,7 +128,7 @@ def _run(args: argparse.Namespace) -> int:
             print(f"cellstream replay: {exc}", file=sys.stderr)
             return EXIT_USAGE
         except grpc.RpcError as exc:
-            print(f"cellstream replay: {args.address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            print(f"cellstream replay: {call_failed(args.address, exc)}", file=sys.stderr)
             return EXIT_USAGE
         rows = tuple(r for r in table.rows if r.position >= done.get(r.stream, 0))
         skipped = len(table.rows) - len(rows)
