@@ -466,3 +466,12 @@ def test_tokens_over_plaintext_reachable_from_other_machines_are_warned_of(tmp_p
         assert "tokens of 1 tenants" in server.log()
     finally:
         assert server.stop() == 0
+
+
+def test_a_tenant_limited_to_some_models_exports_and_imports_all_of_them(tenants: RunningServer) -> None:
+    with stub(tenants) as s:
+        step(s, "acme", "all-1", reading(0, 14))
+        data = b"".join(c.data for c in s.ExportStates(pb.ExportStatesRequest(), metadata=bearer("acme")))
+        s.DeleteStream(pb.DeleteStreamRequest(stream_id="all-1"), metadata=bearer("acme"))
+        s.ImportStates(iter([pb.SnapshotChunk(data=data)]), metadata=bearer("acme"), timeout=10)
+        assert s.GetState(pb.GetStateRequest(stream_id="all-1"), metadata=bearer("acme")).step == 1

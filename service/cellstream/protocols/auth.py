@@ -86,7 +86,7 @@ class Authenticator:
             metrics.AUTH_REJECTIONS.labels(reason="missing_token").inc()
             raise Unauthenticated(
                 "this server requires a token: send 'authorization: Bearer <token>' metadata "
-                "(cellstream's client: token=..., or --token / CELLSTREAM_TOKEN)"
+                "(cellstream's client: token=...; its commands: --token-file or CELLSTREAM_TOKEN)"
             )
         return token_digest(token)
 
