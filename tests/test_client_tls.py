@@ -123,3 +123,23 @@ def test_cellstream_state_export_over_tls(tmp_path: Path, tls_server: RunningSer
     assert result.returncode == 0, result.stderr
     assert out.stat().st_size > 0
     assert f"wrote {out.stat().st_size} bytes to {out}" in result.stdout
+
+
+def test_cellstream_health_checks_the_name_given_by_tls_server_name(
+    tls_server: RunningServer, ca_file: Path
+) -> None:
+    port = tls_server.address.rpartition(":")[2]
+    named = cli(
+        "health", "--address", f"127.0.0.1:{port}", "--tls-ca", str(ca_file), "--tls-server-name", "localhost"
+    )
+    assert named.returncode == 0, named.stderr
+    other = cli(
+        "health",
+        "--address",
+        f"127.0.0.1:{port}",
+        "--tls-ca",
+        str(ca_file),
+        "--tls-server-name",
+        "elsewhere.test",
+    )
+    assert other.returncode != 0

@@ -17,6 +17,12 @@ TLS_FLAGS = {
     "tls_ca": ("--tls-ca", "CELLSTREAM_TLS_CA", "trust roots (PEM) for a TLS server (default: the system's)"),
     "tls_cert": ("--tls-cert", "CELLSTREAM_TLS_CLIENT_CERT", "client certificate (PEM) for an mTLS server"),
     "tls_key": ("--tls-key", "CELLSTREAM_TLS_CLIENT_KEY", "the client certificate's key (PEM)"),
+    "tls_server_name": (
+        "--tls-server-name",
+        "CELLSTREAM_TLS_SERVER_NAME",
+        "check the server's certificate against this name instead of --address's host (a probe "
+        "dialling 127.0.0.1 with a certificate for the service's DNS name)",
+    ),
 }
 # flag dest -> (flag, environment variable, metavar, help)
 TOKEN_FLAGS = {
@@ -62,7 +68,9 @@ def tls_from(args: argparse.Namespace, environ: Mapping[str, str] | None = None)
     }
     if not any(paths.values()):
         return None
-    tls = TLS(ca=paths["tls_ca"], cert=paths["tls_cert"], key=paths["tls_key"])
+    tls = TLS(
+        ca=paths["tls_ca"], cert=paths["tls_cert"], key=paths["tls_key"], server_name=paths["tls_server_name"]
+    )
     tls.credentials()  # read and checked now: a bad file is said before any call is made
     return tls
 
