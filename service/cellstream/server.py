@@ -30,6 +30,7 @@ from cellstream.config import SettingError, Settings, names_of
 from cellstream.durability import Durability
 from cellstream.engine import Engine
 from cellstream.model import ModelRepository
+from cellstream.protocols import kserve_v2
 from cellstream.protocols.auth import Authenticator
 from cellstream.protocols.cellstream_v1 import CellStreamServicer, add_to_server
 from cellstream.protocols.prometheus_http import MetricsEndpoint
@@ -179,9 +180,15 @@ class Server:
             auth=self.auth,
         )
         add_to_server(servicer, server)
-        services = [SERVICE_NAME]
+        kserve = kserve_v2.KServeServicer(
+            self.engine, auth=self.auth, access_log=settings.access_log, tracing=self._tracing
+        )
+        kserve_v2.add_to_server(kserve, server)
+        services = [SERVICE_NAME, kserve_v2.SERVICE_NAME]
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection([*services, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        # (the inference package has a descriptor pool of its own: reflection gets one holding all)
+        reflected = [*services, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        reflection.enable_server_reflection(reflected, server, pool=kserve_v2.reflection_pool(reflected))
         host, _ = split_address(settings.address)
         try:
             if self._tls is None:
