@@ -13,6 +13,7 @@ BELOW = {
     "model": ("cellstream.model_config", "cellstream.model_files"),
     "model_config": (),
     "model_files": (),
+    "cluster": ("cellstream.cluster",),
     "streams": ("cellstream.model", "cellstream.streams"),
     "batching": ("cellstream.model", "cellstream.streams", "cellstream.batching"),
 }

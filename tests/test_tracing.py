@@ -74,3 +74,21 @@ def test_rpc_and_run_spans_continue_the_callers_trace(tmp_path: Path, receiver: 
     )
     wait_for(lambda: collector.named("cellstream.v1.CellStream/ListModels"), timeout=20)
     assert server.stop() == 0
+
+
+def test_kserve_v2_spans_are_named_after_their_own_service(
+    tmp_path: Path, receiver: tuple[Receiver, int]
+) -> None:
+    import tritonclient.grpc as triton  # noqa: PLC0415
+
+    collector, port = receiver
+    server = start_server(tmp_path, "--otlp-endpoint", f"127.0.0.1:{port}")
+    client = triton.InferenceServerClient(server.address)
+    reading = triton.InferInput("x", [1, 8], "FP32")
+    reading.set_data_from_numpy(np.ones((1, 8), np.float32))
+    client.infer("gru", [reading], sequence_id="traced-v2", sequence_start=True)
+    client.close()
+    (span,) = wait_for(lambda: collector.named("inference.GRPCInferenceService/ModelInfer"), timeout=20)  # type: ignore[misc]
+    attributes = {a.key: a.value.string_value for a in span.attributes}
+    assert attributes["rpc.service"] == "inference.GRPCInferenceService"
+    assert server.stop() == 0

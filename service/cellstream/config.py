@@ -19,6 +19,7 @@ from cellstream.config_rules import (
     AUTH_FILE,
     C_INT_COUNT,
     CERTIFICATES,
+    CLUSTER_MAP,
     COUNT,
     EVENT_LOOP,
     EVICT,
@@ -120,6 +121,17 @@ class Settings:
     )
     auth_poll_seconds: float = setting(
         2.0, INTERVAL, "look at --auth-file this often: a revoked token is refused within it (0 = never)"
+    )
+    cluster_map: Path | None = field(
+        default=None,
+        metadata={
+            "help": "serve only the shards this map gives --replica-name; others are refused, naming "
+            "their owner (docs/scaling.md). Unset: a cluster of one",
+            "rule": CLUSTER_MAP,
+        },
+    )
+    replica_name: str = setting(
+        "", TEXT, "this replica's name in --cluster-map ('' = the host name, a pod's name)"
     )
     models: Path = field(
         default_factory=bundled_models_dir, metadata={"help": "model repository dir", "rule": READABLE_DIR}

@@ -272,6 +272,22 @@ def _check_auth_file(value: object) -> None:
     parse_auth_file(data)
 
 
+def _check_cluster_map(value: object) -> None:
+    """A cluster map the server can use, read now so that a bad one fails the start."""
+    if value is None:
+        return
+    if not isinstance(value, Path):
+        raise ValueError("must be a file name")
+    from cellstream.cluster.cluster_map import ClusterMap  # noqa: PLC0415 - keep `--help` fast
+
+    try:
+        ClusterMap.from_json(value.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"cannot be read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise ValueError("is not UTF-8 text") from None
+
+
 COUNT = integer(1)  # sizes and counts where 0 would mean nothing works
 LIMIT = integer(0)  # 0 means no limit (for --inline-batch: never inline)
 C_INT_COUNT = integer(1, C_INT_MAX)
@@ -291,3 +307,4 @@ OTLP_ENDPOINT = Rule("HOST:PORT", str, _check_otlp_endpoint)
 CERTIFICATES = pem_file(check_certificates)
 PRIVATE_KEY = pem_file(check_private_key)
 AUTH_FILE = Rule("FILE", _path_or_none, _check_auth_file)
+CLUSTER_MAP = Rule("FILE", _path_or_none, _check_cluster_map)

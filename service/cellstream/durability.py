@@ -1,4 +1,5 @@
-"""Streams in and out of a running server: snapshots, restore at start, export/import, expiry.
+"""Streams in and out of a running server: snapshots, restore at start, export/import, expiry,
+and the hand-off of shards to another replica.
 
 Copies are made a chunk of rows at a time between a model's runs, so traffic pauses only briefly;
 files are encoded and decoded off the event loop. Streams of a model version that is not served
@@ -11,13 +12,16 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
+
+import numpy as np
 
 from cellstream import metrics
 from cellstream.batching.batcher import Batcher
+from cellstream.cluster.cluster_map import ClusterMap
 from cellstream.engine import Engine
-from cellstream.errors import BadInput, Draining, TooManyStreams, UnknownModel, quoted
+from cellstream.errors import BadInput, ClusterMapRefused, Draining, TooManyStreams, UnknownModel, quoted
 from cellstream.ids import SEP, local_id
 from cellstream.streams.snapshot import ModelSection, SnapshotError, decode, encode
 from cellstream.streams.store import StateStore, StreamRows
@@ -128,11 +132,24 @@ class Durability:
         self._count_dropped(sections, {id(section) for section, _ in servable})
         return restored, sum(len(s.rows) for s in sections) - restored
 
-    async def export_file(self, models: Sequence[str] = (), *, tenant: Tenant = ANONYMOUS) -> list[bytes]:
+    async def export_file(
+        self, models: Sequence[str] = (), *, tenant: Tenant = ANONYMOUS, shards: Sequence[int] = ()
+    ) -> list[bytes]:
         """A snapshot file's bytes (as chunks) of the given models' streams: a tenant's own, under
-        the ids it knows them by, or (for an admin) every stream, each keeping its tenant."""
+        the ids it knows them by, or (for an admin) every stream, each keeping its tenant; with
+        `shards`, only the streams of those shards (an admin's, for a hand-off)."""
         for name in models:
             tenant.check_model(name)
+        if shards:
+            tenant.check_admin("an export of shards")
+            ownership = self.engine.ownership
+            if ownership is None:
+                raise ClusterMapRefused("this server was started without --cluster-map: it has no shards")
+            wanted = set(shards)
+            sections = await self.snapshot(models)
+            return await asyncio.to_thread(
+                lambda: encode(_of_shards(sections, wanted, ownership.shards_of_keys))
+            )
         if not models and tenant.models is not None:  # every model it may use, not every model
             models = [name for name in self.deployment.names() if name in tenant.models]
             if not models:
@@ -208,6 +225,72 @@ class Durability:
                 )
         claimed.update(rows.ids)
 
+    # -- hand-offs of shards between replicas (docs/scaling.md)
+
+    async def adopt_cluster_map(self, cluster_map: ClusterMap, *, tenant: Tenant = ANONYMOUS) -> None:
+        """Serve by a newer cluster map from now on, and keep it in the --cluster-map file (so a
+        restart starts from it)."""
+        tenant.check_admin("setting the cluster map")
+        if self.engine.ownership is None or self.engine.settings.cluster_map is None:
+            raise ClusterMapRefused("this server was started without --cluster-map: it is a cluster of one")
+        ownership = self.engine.ownership
+        if cluster_map.epoch <= ownership.map.epoch:
+            raise ClusterMapRefused(
+                f"the cluster map of epoch {cluster_map.epoch} is not newer than this replica's "
+                f"(epoch {ownership.map.epoch})"
+            )
+        given = set(ownership.given_away(cluster_map))
+        try:
+            ownership.adopt(cluster_map)
+        except ValueError as exc:
+            raise ClusterMapRefused(str(exc)) from None
+        await asyncio.to_thread(cluster_map.write, self.engine.settings.cluster_map)
+        if given:  # (their streams were exported by the hand-off; this replica's copies go)
+            await self._drop_shards(given)
+
+    async def begin_handoff(
+        self, shards: Sequence[int], *, cancel: bool = False, tenant: Tenant = ANONYMOUS
+    ) -> list[int]:
+        """Stop taking work for shards about to move, and wait until the work queued for them
+        has run; returns the shards in a hand-off now."""
+        tenant.check_admin("a shard hand-off")
+        if self.engine.ownership is None:
+            raise ClusterMapRefused(
+                "this server was started without --cluster-map: it has no shards to hand off"
+            )
+        if cancel:
+            self.engine.ownership.cancel_handoff(shards)
+        else:
+            try:
+                self.engine.ownership.begin_handoff(shards)
+            except ValueError as exc:
+                raise ClusterMapRefused(str(exc)) from None
+            for batcher in list(self.deployment.batchers.values()):
+                await batcher.settle()
+        return sorted(self.engine.ownership.moving)
+
+    async def _drop_shards(self, shards: set[int]) -> None:
+        """Delete the streams of shards this replica no longer serves, a chunk of rows per pause."""
+        assert self.engine.ownership is not None
+        ownership, chunk = self.engine.ownership, self.chunk_rows
+
+        def high_water(store: StateStore) -> int:
+            return store.high_water
+
+        def drop(store: StateStore, start: int) -> int:
+            keys = [key for key in store.ids[start : start + chunk] if key is not None]
+            gone = [
+                key
+                for key, shard in zip(keys, ownership.shards_of_keys(keys).tolist(), strict=True)
+                if shard in shards
+            ]
+            return store.delete(gone)
+
+        for batcher in list(self.deployment.batchers.values()):
+            high = await batcher.between_runs(high_water)
+            for start in range(0, high, chunk):
+                await batcher.between_runs(partial(drop, start=start))
+
     async def expire(self, ttl: float) -> int:
         """Drop streams idle longer than ttl seconds."""
         cutoff = time.monotonic() - ttl
@@ -243,3 +326,23 @@ def _scoped(sections: Sequence[ModelSection], tenant: Tenant) -> list[ModelSecti
         rows = dataclasses.replace(section.rows, ids=tenant.keys(ids))
         scoped.append(dataclasses.replace(section, rows=rows))
     return scoped
+
+
+def _of_shards(
+    sections: Sequence[ModelSection], shards: set[int], shards_of_keys: Callable[[Sequence[str]], np.ndarray]
+) -> list[ModelSection]:
+    """The sections with only the streams of some shards (every tenant's, keeping tenants)."""
+    kept = []
+    for section in sections:
+        rows = section.rows
+        keep = np.flatnonzero(np.isin(shards_of_keys(rows.ids), list(shards)))
+        ids = [rows.ids[i] for i in keep.tolist()]
+        part = StreamRows(
+            ids=ids,
+            steps=rows.steps[keep],
+            replayable=rows.replayable[keep],
+            last_output=rows.last_output[keep],
+            states=[state[keep] for state in rows.states],
+        )
+        kept.append(dataclasses.replace(section, rows=part))
+    return kept

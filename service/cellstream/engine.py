@@ -24,6 +24,7 @@ from cellstream.config import Settings
 from cellstream.errors import BadInput, Draining, UnknownStream, quoted
 from cellstream.ids import local_id
 from cellstream.model import CellModel, ModelRepository, ReplyLayout
+from cellstream.ownership import Ownership
 from cellstream.streams.store import StateStore
 from cellstream.tenants import ANONYMOUS, Tenant, Tenants
 from cellstream.validate import TensorValue
@@ -81,10 +82,16 @@ class Engine:
     """Every RPC of a protocol is one method here."""
 
     def __init__(
-        self, repository: ModelRepository, settings: Settings, policy: BatchPolicy | None = None
+        self,
+        repository: ModelRepository,
+        settings: Settings,
+        policy: BatchPolicy | None = None,
+        *,
+        ownership: Ownership | None = None,
     ) -> None:
         self.repository = repository
         self.settings = settings
+        self.ownership = ownership  # None: a cluster of one, every stream is served here
         self.deployment = Deployment(repository, settings, policy or BatchPolicy.from_settings(settings))
         self.draining = False
         metrics.MAX_QUEUE.set(settings.max_queue)
@@ -97,6 +104,10 @@ class Engine:
     def serves(self, name: str) -> bool:
         """Whether `name` is a model served now (metric labels only ever carry such names)."""
         return name in self.deployment.current
+
+    def current_model(self, name: str) -> CellModel:
+        """The version of a model new streams get (UnknownModel if it is not served)."""
+        return self.deployment.current_for(name).model
 
     def start(self) -> None:
         self.deployment.start()
@@ -161,6 +172,8 @@ class Engine:
         key = tenant.key(stream_id)
         name = self._model_name(model or self.deployment.directory.model_of(key) or "", tenant)
         validate.stream_id(stream_id)
+        if self.ownership is not None:
+            self.ownership.check(stream_id)
         # Checked against the stream's version (its shapes may differ from the current one's).
         cell = self.deployment.batcher_for(key, name, reset=reset).model
         validate.reading(x, cell)
@@ -224,6 +237,13 @@ class Engine:
         )
         missing = None if known else np.flatnonzero(looked_up < 0)
         errors = [] if bad_row is None else [bad_row]
+        if self.ownership is not None:
+            for start in range(0, n, chunk):  # (before anything else: the caller must go elsewhere)
+                refused = self.ownership.first_refused(ids[start : start + chunk], start)
+                if refused is not None:
+                    raise refused[1]
+                if large:
+                    await asyncio.sleep(0)
         if missing is not None:
             for start in range(0, len(missing), chunk):  # (positions ascend: the first found is first)
                 found = self.deployment.batch_problems(ids, keys, missing[start : start + chunk], current)
@@ -283,8 +303,13 @@ class Engine:
         batcher.submit(work)
         return await work.future
 
-    async def get_state(self, stream_id: str, *, tenant: Tenant = ANONYMOUS) -> StreamView:
+    def _served(self, stream_id: str) -> None:
         validate.stream_id(stream_id)
+        if self.ownership is not None:
+            self.ownership.check(stream_id)
+
+    async def get_state(self, stream_id: str, *, tenant: Tenant = ANONYMOUS) -> StreamView:
+        self._served(stream_id)
         key = tenant.key(stream_id)
         batcher = self._existing(key)
 
@@ -304,7 +329,7 @@ class Engine:
         *,
         tenant: Tenant = ANONYMOUS,
     ) -> StreamView:
-        validate.stream_id(stream_id)
+        self._served(stream_id)
         validate.step(step)
         key = tenant.key(stream_id)
         name = self._model_name(model or self.deployment.directory.model_of(key) or "", tenant)
@@ -320,7 +345,7 @@ class Engine:
         return await self._control(batcher, key, write)
 
     async def delete(self, stream_id: str, *, tenant: Tenant = ANONYMOUS) -> bool:
-        validate.stream_id(stream_id)
+        self._served(stream_id)
         key = tenant.key(stream_id)
         try:
             batcher = self._existing(key)

@@ -46,6 +46,22 @@ class StaleSequence(CellStreamError):
         self.step = step
 
 
+class NotOwner(CellStreamError):
+    """The stream's shard is served by another replica (FAILED_PRECONDITION); says which one."""
+
+    def __init__(self, message: str, *, owner: str, address: str, epoch: int) -> None:
+        super().__init__(message)
+        self.owner, self.address, self.epoch = owner, address, epoch
+
+
+class ClusterMapRefused(CellStreamError):
+    """A cluster map this replica cannot adopt: not newer, or no cluster (FAILED_PRECONDITION)."""
+
+
+class ShardMoving(CellStreamError):
+    """The stream's shard is being handed to another replica; retry with seq (UNAVAILABLE)."""
+
+
 class Unauthenticated(CellStreamError):
     """No token, or one this server does not know (UNAUTHENTICATED)."""
 

@@ -30,6 +30,7 @@ from cellstream.config import SettingError, Settings, names_of
 from cellstream.durability import Durability
 from cellstream.engine import Engine
 from cellstream.model import ModelRepository
+from cellstream.ownership import ownership_from
 from cellstream.protocols import kserve_v2
 from cellstream.protocols.auth import Authenticator
 from cellstream.protocols.cellstream_v1 import CellStreamServicer, add_to_server
@@ -157,7 +158,7 @@ class Server:
             intra_op_threads=settings.intra_op_threads,
             max_model_bytes=settings.max_model_bytes,
         )
-        self.engine = Engine(repository, settings)
+        self.engine = Engine(repository, settings, ownership=ownership_from(settings))
         self.durability = Durability(self.engine)
         if settings.state_dir is not None:
             self._snapshots = SnapshotDir(settings.state_dir, settings.snapshot_keep)

@@ -155,13 +155,13 @@ class Tenant:
             self.usage.bucket.give_back(readings)
 
     def open_stream_call(self) -> None:
-        """Count a StepStream call against max_stream_calls (RESOURCE_EXHAUSTED at the limit)."""
+        """Count a streaming call against max_stream_calls (RESOURCE_EXHAUSTED at the limit)."""
         usage = self.usage
         if self.max_stream_calls and usage.stream_calls >= self.max_stream_calls:
             metrics.QUOTA_REJECTIONS.labels(limit="max_stream_calls").inc()
             raise QuotaExceeded(
-                f"tenant {self.name!r} has {usage.stream_calls} StepStream calls open, its "
-                f"max_stream_calls: close one, or send more readings on each call"
+                f"tenant {self.name!r} has {usage.stream_calls} streaming calls open (StepStream, "
+                f"ModelStreamInfer), its max_stream_calls: close one, or send more readings on each"
             )
         usage.stream_calls += 1
 

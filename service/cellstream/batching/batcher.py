@@ -121,6 +121,15 @@ class Batcher:
             self._idle.clear()
             self._wake.set()
 
+    async def settle(self, poll: float = 0.005) -> None:
+        """Wait until the work queued now, and the run in flight, are done (not work queued
+        later): what a shard hand-off waits for once its streams take no new work. A StepStream
+        slot is no awaitable, so the queued items are polled."""
+        queued = [work.future for work in self._queue]
+        await self.between_runs(lambda store: None)
+        while not all(future.done() for future in queued):
+            await asyncio.sleep(poll)
+
     def between_runs(self, action: Callable[[StateStore], T]) -> asyncio.Future[T]:
         """Run `action(store)` on the event loop while no model run is in flight."""
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -20,18 +19,18 @@ from google.protobuf.message import Message
 from cellstream import errors
 from cellstream._proto.cellstream.v1 import cellstream_pb2 as pb
 from cellstream._proto.cellstream.v1 import cellstream_pb2_grpc as pb_grpc
+from cellstream.cluster.cluster_map import ClusterMap
 from cellstream.durability import Durability
 from cellstream.engine import Engine, Sink, StepResult, StreamView, TensorValue
-from cellstream.ids import MAX_ID_BYTES
 from cellstream.protocols.access_log import AccessLog
 from cellstream.protocols.auth import Authenticator
+from cellstream.protocols.cellstream_v1_stream import UNNAMED, Slot, StreamCall
 from cellstream.protocols.cellstream_v1_wire import STEP_METADATA, StepReplies, batch_reply
 from cellstream.protocols.status import Context, Malformed, RequestMetrics, code_of, deadline_of, parser, rpc
 from cellstream.protocols.tracing import Tracing
 from cellstream.tenants import Tenant
 
 EXPORT_CHUNK = 1 << 20  # bytes per SnapshotChunk message
-UNNAMED = "\x00"  # a model label no served model has: counted as "unknown"
 
 
 def _request_model(request: Any) -> str:
@@ -45,85 +44,6 @@ def _reply_model(reply: Any) -> str:
 def _step_trailing(error: errors.CellStreamError) -> tuple[tuple[str, str], ...]:
     """A stale seq says the stream's step machine-readably too, for clients that resume."""
     return ((STEP_METADATA, str(error.step)),) if isinstance(error, errors.StaleSequence) else ()
-
-
-class _StreamCall:
-    """The replies of one StepStream call, in request order, and the reader/writer wake-ups.
-
-    A future per reading would wake the writer once per reply; here the batcher fills slots and
-    the writer is woken once per completed run, then sends every reply that is ready.
-    """
-
-    __slots__ = ("_loop", "_space", "_waiter", "errors", "replied", "slots", "window")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, window: int) -> None:
-        self._loop = loop
-        self.window = window
-        self.replied = 0  # replies sent, errors among them: the call's access line
-        self.errors = 0
-        self.slots: deque[_Slot] = deque()
-        self._waiter: asyncio.Future[None] | None = None
-        self._space: asyncio.Future[None] | None = None
-
-    def wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def wait(self) -> None:
-        self._waiter = self._loop.create_future()
-        try:
-            await self._waiter
-        finally:
-            self._waiter = None
-
-    def freed(self) -> None:
-        space = self._space
-        if space is not None and not space.done() and len(self.slots) < self.window:
-            space.set_result(None)
-
-    async def wait_for_space(self) -> None:
-        while len(self.slots) >= self.window:
-            self._space = self._loop.create_future()
-            try:
-                await self._space
-            finally:
-                self._space = None
-
-
-class _Slot:
-    """One StepStream reading's place in the reply order; the batcher fills it like a future.
-
-    It keeps only what the reply needs (never the request: a client that does not read its
-    replies must not make the server hold its messages), each client string cut to the id limit.
-    """
-
-    __slots__ = ("call", "error", "finished", "model", "request_id", "result", "started", "stream_id")
-
-    def __init__(
-        self, call: _StreamCall, stream_id: str, model: str, request_id: int, started: float
-    ) -> None:
-        self.call = call
-        self.stream_id = stream_id if len(stream_id) <= MAX_ID_BYTES else ""
-        self.model = model if len(model) <= MAX_ID_BYTES else UNNAMED
-        self.request_id = request_id
-        self.started = started
-        self.result: StepResult | None = None
-        self.error: BaseException | None = None
-        self.finished = False
-
-    def done(self) -> bool:
-        return self.finished
-
-    def set_result(self, result: StepResult) -> None:
-        self.result = result
-        self.finished = True
-        self.call.wake()
-
-    def set_exception(self, exception: BaseException) -> None:
-        self.error = exception
-        self.finished = True
-        self.call.wake()
 
 
 def tensors_in(state: Mapping[str, pb.Tensor]) -> dict[str, TensorValue]:
@@ -142,6 +62,8 @@ def stream_state(view: StreamView) -> pb.StreamState:
 
 class CellStreamServicer(pb_grpc.CellStreamServicer):
     """Translates each RPC into one engine call."""
+
+    SERVICE = pb.DESCRIPTOR.services_by_name["CellStream"].full_name
 
     def __init__(
         self,
@@ -220,7 +142,7 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
         auth = self.auth
         generation = auth.generation
         refused: errors.CellStreamError | None = None
-        call = _StreamCall(asyncio.get_running_loop(), self.stream_window)
+        call = StreamCall(asyncio.get_running_loop(), self.stream_window)
         deadline = deadline_of(context)
         slots = call.slots
         started = time.perf_counter()
@@ -238,11 +160,11 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
                         except errors.Unauthenticated as exc:
                             refused = exc
                     if isinstance(request, Malformed):  # answered in-band; the call goes on
-                        slot = _Slot(call, "", UNNAMED, 0, started)
+                        slot = Slot(call, "", UNNAMED, 0, started)
                         slots.append(slot)
                         slot.set_exception(request.error())
                     else:
-                        slot = _Slot(call, request.stream_id, request.model, request.request_id, started)
+                        slot = Slot(call, request.stream_id, request.model, request.request_id, started)
                         slots.append(slot)
                         try:
                             if refused is not None:
@@ -290,17 +212,17 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
                     unanswered=len(slots),
                 )
 
-    def _stream_reply(self, slot: _Slot) -> pb.StepResponse | bytes:
+    def _stream_reply(self, slot: Slot) -> pb.StepResponse | bytes:
         if slot.error is not None:
             if not isinstance(slot.error, errors.CellStreamError):
                 raise slot.error
             code = code_of(slot.error)
             self.request_metrics.observe("StepStream", slot.model, code, slot.started)
-            return pb.StepResponse(
-                stream_id=slot.stream_id,
-                request_id=slot.request_id,
-                error=pb.Error(code=code.value[0], message=str(slot.error)),
-            )
+            error = pb.Error(code=code.value[0], message=str(slot.error))
+            if isinstance(slot.error, errors.NotOwner):
+                error.owner, error.owner_address = slot.error.owner, slot.error.address
+                error.map_epoch = slot.error.epoch
+            return pb.StepResponse(stream_id=slot.stream_id, request_id=slot.request_id, error=error)
         assert slot.result is not None
         self.request_metrics.observe("StepStream", slot.model, grpc.StatusCode.OK, slot.started)
         return self._replies.encode(slot.result, slot.request_id, slot.stream_id)
@@ -338,7 +260,10 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
     async def ExportStates(
         self, request: pb.ExportStatesRequest, context: Context, tenant: Tenant
     ) -> AsyncIterator[pb.SnapshotChunk]:
-        for chunk in await self.durability.export_file(list(request.models), tenant=tenant):
+        chunks = await self.durability.export_file(
+            list(request.models), tenant=tenant, shards=list(request.shards)
+        )
+        for chunk in chunks:
             for offset in range(0, len(chunk), EXPORT_CHUNK):
                 yield pb.SnapshotChunk(data=chunk[offset : offset + EXPORT_CHUNK])
 
@@ -359,6 +284,41 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
             data += chunk.data
         restored, dropped = await self.durability.import_file(data, tenant=tenant)  # (no copy of the file)
         return pb.ImportStatesResponse(restored=restored, dropped=dropped)
+
+    @rpc("GetClusterMap")
+    async def GetClusterMap(
+        self, request: pb.GetClusterMapRequest, context: Context, tenant: Tenant
+    ) -> pb.ClusterMapInfo:
+        return self._map_info()
+
+    def _map_info(self) -> pb.ClusterMapInfo:
+        ownership = self.engine.ownership
+        if ownership is None:
+            return pb.ClusterMapInfo()
+        cluster_map = ownership.map
+        return pb.ClusterMapInfo(
+            replica=ownership.replica, epoch=cluster_map.epoch, map_json=cluster_map.to_json()
+        )
+
+    @rpc("SetClusterMap")
+    async def SetClusterMap(
+        self, request: pb.SetClusterMapRequest, context: Context, tenant: Tenant
+    ) -> pb.ClusterMapInfo:
+        try:
+            cluster_map = ClusterMap.from_json(request.map_json)
+        except ValueError as exc:
+            raise errors.BadInput(f"map_json is not a usable cluster map: {exc}") from None
+        await self.durability.adopt_cluster_map(cluster_map, tenant=tenant)
+        return self._map_info()
+
+    @rpc("BeginHandoff")
+    async def BeginHandoff(
+        self, request: pb.HandoffRequest, context: Context, tenant: Tenant
+    ) -> pb.HandoffResponse:
+        moving = await self.durability.begin_handoff(
+            list(request.shards), cancel=request.cancel, tenant=tenant
+        )
+        return pb.HandoffResponse(moving=moving)
 
     @rpc("ListModels")
     async def ListModels(

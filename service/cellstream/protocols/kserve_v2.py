@@ -73,6 +73,8 @@ class _Reply:
 class KServeServicer:
     """Translates each v2 RPC into engine calls."""
 
+    SERVICE = SERVICE_NAME
+
     def __init__(
         self,
         engine: Engine,
@@ -94,8 +96,7 @@ class KServeServicer:
         """The current version of a model, as the request names it (NOT_FOUND if it is not served)."""
         if not name:
             raise BadInput(f"the request names no model: name one of {self._names(tenant)}")
-        # (the engine's own lookup; there is no public accessor for the current CellModel)
-        model = self.engine.deployment.current_for(name).model
+        model = self.engine.current_model(name)
         tenant.check_model(name)
         if version and version != model.version:
             raise UnknownModel(

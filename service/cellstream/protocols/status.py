@@ -27,6 +27,9 @@ CODES: dict[type[errors.CellStreamError], grpc.StatusCode] = {
     errors.UnknownModel: grpc.StatusCode.NOT_FOUND,
     errors.UnknownStream: grpc.StatusCode.NOT_FOUND,
     errors.WrongModel: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.NotOwner: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ClusterMapRefused: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ShardMoving: grpc.StatusCode.UNAVAILABLE,
     errors.StaleSequence: grpc.StatusCode.FAILED_PRECONDITION,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
@@ -110,6 +113,7 @@ def parser(message_type: Any) -> Callable[[bytes], Any]:
 
 
 class Servicer(Protocol):
+    SERVICE: str  # the gRPC service's full name (spans are named after it)
     request_metrics: RequestMetrics
     access_log: AccessLog | None
     tracing: Tracing | None
@@ -125,7 +129,7 @@ class _Call:
         self.servicer, self.method, self.request, self.context = servicer, method, request, context
         self.started = time.perf_counter()
         tracing = servicer.tracing
-        self.span = None if tracing is None else tracing.start(method, context)
+        self.span = None if tracing is None else tracing.start(servicer.SERVICE, method, context)
 
     def finish(self, model: str | None, code: grpc.StatusCode) -> None:
         """Count (and with --access-log, log; with tracing, end the span of) the finished call."""
@@ -141,10 +145,20 @@ class _Call:
             servicer.tracing.finish(self.span, model, code)
 
 
+OWNER_METADATA = ("cellstream-owner", "cellstream-owner-address", "cellstream-map-epoch")
+
+
+def owner_trailers(error: errors.CellStreamError) -> tuple[tuple[str, str], ...]:
+    """Where a misrouted stream is served, machine-readably, for clients that follow it."""
+    if not isinstance(error, errors.NotOwner):
+        return ()
+    return tuple(zip(OWNER_METADATA, (error.owner, error.address, str(error.epoch)), strict=True))
+
+
 async def abort(
     context: Context, error: errors.CellStreamError, trailing: Callable[[errors.CellStreamError], Any]
 ) -> None:
-    metadata = trailing(error)
+    metadata = (*trailing(error), *owner_trailers(error))
     if metadata:
         context.set_trailing_metadata(metadata)
     await context.abort(code_of(error), str(error))

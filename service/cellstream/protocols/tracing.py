@@ -43,7 +43,7 @@ class Tracing:
         self._propagator = TraceContextTextMapPropagator()
         log.info("tracing: spans go to %s over OTLP/gRPC", endpoint)
 
-    def start(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    def start(self, service: str, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         """The server span of one RPC, child of the caller's span when it sent `traceparent`."""
         from opentelemetry.trace import SpanKind  # noqa: PLC0415
 
@@ -52,12 +52,12 @@ class Tracing:
         }
         parent = self._propagator.extract(carrier)
         span = self._tracer.start_span(
-            f"cellstream.v1.CellStream/{method}",
+            f"{service}/{method}",
             context=parent,
             kind=SpanKind.SERVER,
             attributes={
                 "rpc.system": "grpc",
-                "rpc.service": "cellstream.v1.CellStream",
+                "rpc.service": service,
                 "rpc.method": method,
             },
         )

@@ -1,5 +1,5 @@
-"""`cellstream serve | health | models | state | auth` — argument parsing only; the work lives
-elsewhere."""
+"""`cellstream serve | health | models | state | auth | cluster` — argument parsing only; the work
+lives elsewhere."""
 
 from __future__ import annotations
 
@@ -172,11 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_client_arguments(load)
     load.set_defaults(func=_state_import)
 
-    from cellstream.tools import auth, check, replay  # noqa: PLC0415 - heavy deps are imported lazily
+    from cellstream.tools import auth, check, cluster, rebalance, replay  # noqa: PLC0415 - heavy deps are imported lazily
 
     check.register(model_commands)
     replay.register(commands)
     auth.register(commands)
+    rebalance.register(cluster.register(commands))
     return parser
 
 

@@ -16,12 +16,18 @@ class Tensor(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., data: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Error(_message.Message):
-    __slots__ = ("code", "message")
+    __slots__ = ("code", "message", "owner", "owner_address", "map_epoch")
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    OWNER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    MAP_EPOCH_FIELD_NUMBER: _ClassVar[int]
     code: int
     message: str
-    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+    owner: str
+    owner_address: str
+    map_epoch: int
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., owner: _Optional[str] = ..., owner_address: _Optional[str] = ..., map_epoch: _Optional[int] = ...) -> None: ...
 
 class StepRequest(_message.Message):
     __slots__ = ("stream_id", "model", "input", "state", "reset", "end", "seq", "omit_state", "request_id")
@@ -203,10 +209,12 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
 
 class ExportStatesRequest(_message.Message):
-    __slots__ = ("models",)
+    __slots__ = ("models", "shards")
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, models: _Optional[_Iterable[str]] = ...) -> None: ...
+    shards: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, models: _Optional[_Iterable[str]] = ..., shards: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SnapshotChunk(_message.Message):
     __slots__ = ("data",)
@@ -221,3 +229,37 @@ class ImportStatesResponse(_message.Message):
     restored: int
     dropped: int
     def __init__(self, restored: _Optional[int] = ..., dropped: _Optional[int] = ...) -> None: ...
+
+class GetClusterMapRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SetClusterMapRequest(_message.Message):
+    __slots__ = ("map_json",)
+    MAP_JSON_FIELD_NUMBER: _ClassVar[int]
+    map_json: str
+    def __init__(self, map_json: _Optional[str] = ...) -> None: ...
+
+class ClusterMapInfo(_message.Message):
+    __slots__ = ("replica", "epoch", "map_json")
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    MAP_JSON_FIELD_NUMBER: _ClassVar[int]
+    replica: str
+    epoch: int
+    map_json: str
+    def __init__(self, replica: _Optional[str] = ..., epoch: _Optional[int] = ..., map_json: _Optional[str] = ...) -> None: ...
+
+class HandoffRequest(_message.Message):
+    __slots__ = ("shards", "cancel")
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    shards: _containers.RepeatedScalarFieldContainer[int]
+    cancel: bool
+    def __init__(self, shards: _Optional[_Iterable[int]] = ..., cancel: _Optional[bool] = ...) -> None: ...
+
+class HandoffResponse(_message.Message):
+    __slots__ = ("moving",)
+    MOVING_FIELD_NUMBER: _ClassVar[int]
+    moving: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, moving: _Optional[_Iterable[int]] = ...) -> None: ...

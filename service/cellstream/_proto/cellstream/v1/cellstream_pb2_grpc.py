@@ -81,6 +81,21 @@ class CellStreamStub:
                 request_serializer=cellstream_dot_v1_dot_cellstream__pb2.SnapshotChunk.SerializeToString,
                 response_deserializer=cellstream_dot_v1_dot_cellstream__pb2.ImportStatesResponse.FromString,
                 _registered_method=True)
+        self.GetClusterMap = channel.unary_unary(
+                '/cellstream.v1.CellStream/GetClusterMap',
+                request_serializer=cellstream_dot_v1_dot_cellstream__pb2.GetClusterMapRequest.SerializeToString,
+                response_deserializer=cellstream_dot_v1_dot_cellstream__pb2.ClusterMapInfo.FromString,
+                _registered_method=True)
+        self.SetClusterMap = channel.unary_unary(
+                '/cellstream.v1.CellStream/SetClusterMap',
+                request_serializer=cellstream_dot_v1_dot_cellstream__pb2.SetClusterMapRequest.SerializeToString,
+                response_deserializer=cellstream_dot_v1_dot_cellstream__pb2.ClusterMapInfo.FromString,
+                _registered_method=True)
+        self.BeginHandoff = channel.unary_unary(
+                '/cellstream.v1.CellStream/BeginHandoff',
+                request_serializer=cellstream_dot_v1_dot_cellstream__pb2.HandoffRequest.SerializeToString,
+                response_deserializer=cellstream_dot_v1_dot_cellstream__pb2.HandoffResponse.FromString,
+                _registered_method=True)
 
 
 class CellStreamServicer:
@@ -152,6 +167,31 @@ class CellStreamServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetClusterMap(self, request, context):
+        """The cluster map this replica serves by (docs/scaling.md); epoch 0 without --cluster-map.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetClusterMap(self, request, context):
+        """Give this replica a newer cluster map (an admin's call); an older or equal epoch is refused
+        (FAILED_PRECONDITION). The map is written to its --cluster-map file, so a restart keeps it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BeginHandoff(self, request, context):
+        """Start handing shards to another replica (an admin's call, by `cellstream cluster rebalance`):
+        their streams take no new work (UNAVAILABLE, retry with seq) and the call returns once the
+        work queued before it has run, so an export of those shards misses nothing. Adopting a map
+        that gives them away ends it (and drops this replica's copies); `cancel` ends it in place.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CellStreamServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -199,6 +239,21 @@ def add_CellStreamServicer_to_server(servicer, server):
                     servicer.ImportStates,
                     request_deserializer=cellstream_dot_v1_dot_cellstream__pb2.SnapshotChunk.FromString,
                     response_serializer=cellstream_dot_v1_dot_cellstream__pb2.ImportStatesResponse.SerializeToString,
+            ),
+            'GetClusterMap': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetClusterMap,
+                    request_deserializer=cellstream_dot_v1_dot_cellstream__pb2.GetClusterMapRequest.FromString,
+                    response_serializer=cellstream_dot_v1_dot_cellstream__pb2.ClusterMapInfo.SerializeToString,
+            ),
+            'SetClusterMap': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetClusterMap,
+                    request_deserializer=cellstream_dot_v1_dot_cellstream__pb2.SetClusterMapRequest.FromString,
+                    response_serializer=cellstream_dot_v1_dot_cellstream__pb2.ClusterMapInfo.SerializeToString,
+            ),
+            'BeginHandoff': grpc.unary_unary_rpc_method_handler(
+                    servicer.BeginHandoff,
+                    request_deserializer=cellstream_dot_v1_dot_cellstream__pb2.HandoffRequest.FromString,
+                    response_serializer=cellstream_dot_v1_dot_cellstream__pb2.HandoffResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -445,6 +500,87 @@ class CellStream:
             '/cellstream.v1.CellStream/ImportStates',
             cellstream_dot_v1_dot_cellstream__pb2.SnapshotChunk.SerializeToString,
             cellstream_dot_v1_dot_cellstream__pb2.ImportStatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetClusterMap(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cellstream.v1.CellStream/GetClusterMap',
+            cellstream_dot_v1_dot_cellstream__pb2.GetClusterMapRequest.SerializeToString,
+            cellstream_dot_v1_dot_cellstream__pb2.ClusterMapInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetClusterMap(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cellstream.v1.CellStream/SetClusterMap',
+            cellstream_dot_v1_dot_cellstream__pb2.SetClusterMapRequest.SerializeToString,
+            cellstream_dot_v1_dot_cellstream__pb2.ClusterMapInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BeginHandoff(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cellstream.v1.CellStream/BeginHandoff',
+            cellstream_dot_v1_dot_cellstream__pb2.HandoffRequest.SerializeToString,
+            cellstream_dot_v1_dot_cellstream__pb2.HandoffResponse.FromString,
             options,
             channel_credentials,
             insecure,
