@@ -26,8 +26,11 @@ import grpc
 import numpy as np
 
 from cellstream._proto.cellstream.v1 import cellstream_pb2_grpc as pb_grpc
-from cellstream.client import CHANNEL_OPTIONS, AsyncClient, batch_request, step_request
+from cellstream.client import AsyncClient, batch_request, step_request
+from cellstream.client.tls import TLS
 from cellstream.coalesce import Stepper
+
+from .secure import PLAINTEXT, ClientSide
 
 EOF = grpc.aio.EOF  # type: ignore[attr-defined]  # (missing from grpc-stubs)
 DRAIN_GRACE = 5.0  # seconds after the window that outstanding readings may still take
@@ -53,6 +56,7 @@ class Job:
     rate: float = 0.0  # fanin: offered readings per second over all shards
     prefix: str = "s"
     omit_state: bool = False
+    client: ClientSide = PLAINTEXT  # TLS trust and token of the server under test
 
 
 @dataclass
@@ -117,6 +121,7 @@ async def _until(moment: float) -> None:
 async def unary(job: Job, stub: Any, rec: Recorder) -> Outcome:
     """Each stream: Step, wait for the reply, Step again."""
     readings = _readings(job)
+    metadata = job.client.metadata
 
     async def one_stream(i: int) -> None:
         requests = [
@@ -131,7 +136,7 @@ async def unary(job: Job, stub: Any, rec: Recorder) -> Outcome:
         k = 0
         while (sent_at := time.monotonic()) < rec.end:
             try:
-                await stub.Step(requests[k & 3])
+                await stub.Step(requests[k & 3], metadata=metadata)
             except grpc.aio.AioRpcError as exc:
                 rec.failed(exc.details())
                 await asyncio.sleep(0.01)
@@ -165,7 +170,7 @@ async def _step_stream(
         )
         for i in ids
     ]
-    call = stub.StepStream()
+    call = stub.StepStream(metadata=job.client.metadata)
     sent: deque[float] = deque()
     slots = asyncio.Semaphore(window) if window else None
 
@@ -244,6 +249,7 @@ async def fanin(job: Job, stub: Any, rec: Recorder) -> Outcome:
 async def batch(job: Job, stub: Any, rec: Recorder) -> Outcome:
     """`concurrency` StepBatch messages in flight, each over its own `batch_size` streams."""
     readings = _readings(job)
+    metadata = job.client.metadata
 
     async def one_slot(slot: int) -> None:
         ids = [f"{job.prefix}{slot}-{j}" for j in range(job.batch_size)]
@@ -255,7 +261,7 @@ async def batch(job: Job, stub: Any, rec: Recorder) -> Outcome:
         k = 0
         while (sent_at := time.monotonic()) < rec.end:
             try:
-                await stub.StepBatch(requests[k & 1])
+                await stub.StepBatch(requests[k & 1], metadata=metadata)
             except grpc.aio.AioRpcError as exc:
                 rec.failed(exc.details(), job.batch_size)
                 await asyncio.sleep(0.01)
@@ -271,7 +277,8 @@ async def batch(job: Job, stub: Any, rec: Recorder) -> Outcome:
 async def coalesce(job: Job, rec: Recorder) -> Outcome:
     """Application tasks, one per stream, each awaiting the shared Stepper's `step`."""
     readings = _readings(job)
-    client = AsyncClient(job.address)
+    tls = None if job.client.ca_file is None else TLS(ca=job.client.ca_file)
+    client = AsyncClient(job.address, tls=tls, token=job.client.token)
     stepper = Stepper(client, job.model, want_state=not job.omit_state)
     await stepper.contract()
     batches_before = readings_before = 0
@@ -310,7 +317,7 @@ async def run_job(job: Job) -> Outcome:
     rec = Recorder(job)
     if job.scenario == "coalesce":
         return await coalesce(job, rec)
-    async with grpc.aio.insecure_channel(job.address, options=CHANNEL_OPTIONS) as channel:
+    async with job.client.aio_channel(job.address) as channel:
         await asyncio.wait_for(channel.channel_ready(), 10)
         return await SCENARIOS[job.scenario](job, pb_grpc.CellStreamStub(channel), rec)
 

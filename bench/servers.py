@@ -62,14 +62,27 @@ class Running:
         return self.process.returncode
 
 
-def health_serving(address: str, timeout: float = 5.0) -> bool:
-    with grpc.insecure_channel(address) as channel:
+def health_serving(
+    address: str, timeout: float = 5.0, credentials: grpc.ChannelCredentials | None = None
+) -> bool:
+    """Health SERVING, asked over TLS when `credentials` are given (health needs no token)."""
+    channel = (
+        grpc.insecure_channel(address) if credentials is None else grpc.secure_channel(address, credentials)
+    )
+    with channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
-def launch(name: str, command: list[str], workdir: Path, timeout: float = 60.0) -> Running:
-    """Start a server process, wait for its ready file, confirm health SERVING."""
+def launch(
+    name: str,
+    command: list[str],
+    workdir: Path,
+    timeout: float = 60.0,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> Running:
+    """Start a server process, wait for its ready file, confirm health SERVING (over TLS with
+    `credentials`, for a server started with --tls-cert)."""
     workdir.mkdir(parents=True, exist_ok=True)
     ready = workdir / f"{name}.ready.json"
     ready.unlink(missing_ok=True)
@@ -94,7 +107,7 @@ def launch(name: str, command: list[str], workdir: Path, timeout: float = 60.0) 
     startup = time.perf_counter() - started
     info = json.loads(ready.read_text())
     running = Running(name, process, info["address"], startup, log_path)
-    if not health_serving(running.address):
+    if not health_serving(running.address, credentials=credentials):
         running.stop()
         raise RuntimeError(f"{name} wrote its ready file but health is not SERVING")
     return running
