@@ -174,3 +174,20 @@ def test_a_server_without_a_cluster_map_is_a_cluster_of_one(tmp_path: Path) -> N
             assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     finally:
         assert server.stop() == 0
+
+
+def test_the_map_epoch_shards_and_misroutes_are_on_metrics(cluster: tuple[ClusterMap, RunningServer]) -> None:
+    import urllib.request  # noqa: PLC0415
+
+    cmap, server = cluster
+    (theirs,) = ids_of("beta", cmap, 1, prefix="metric")
+    with grpc.insecure_channel(server.address) as channel, pytest.raises(grpc.RpcError):
+        CellStreamStub(channel).GetState(pb.GetStateRequest(stream_id=theirs))
+    with urllib.request.urlopen(f"http://{server.metrics_address}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    values = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line[:1] != "#"
+    }
+    assert values["cellstream_cluster_map_epoch"] == cmap.epoch
+    assert values["cellstream_shards_owned"] == len(cmap.shards_owned("alpha"))
+    assert values['cellstream_misrouted_total{reason="not_owner"}'] >= 1

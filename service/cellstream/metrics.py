@@ -153,3 +153,25 @@ for _limit in ("max_streams", "max_steps_per_second", "max_stream_calls"):
     QUOTA_REJECTIONS.labels(limit=_limit)
 for _result in ("ok", "invalid"):
     AUTH_RELOADS.labels(result=_result)
+
+CLUSTER_MAP_EPOCH = Gauge(
+    "cellstream_cluster_map_epoch",
+    "Epoch of the cluster map this replica serves by (0 = no map, a cluster of one).",
+    registry=REGISTRY,
+)
+SHARDS_OWNED = Gauge(
+    "cellstream_shards_owned", "Shards the cluster map gives this replica.", registry=REGISTRY
+)
+SHARDS_MOVING = Gauge(
+    "cellstream_shards_moving",
+    "Shards this replica is handing to another (taking no work).",
+    registry=REGISTRY,
+)
+MISROUTED = Counter(
+    "cellstream_misrouted",
+    "Requests for streams this replica does not serve now, by why (not_owner, moving).",
+    ["reason"],
+    registry=REGISTRY,
+)
+for _reason in ("not_owner", "moving"):
+    MISROUTED.labels(reason=_reason)

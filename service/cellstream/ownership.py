@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from cellstream import metrics
 from cellstream.cluster.cluster_map import ClusterMap
 from cellstream.cluster.shards import shard_of, shards_of
 from cellstream.config import SettingError, Settings, names_of
@@ -35,6 +36,12 @@ class Ownership:
         self.map = cluster_map
         self.moving: frozenset[int] = frozenset()
         self._mine = self._owned(cluster_map)
+        self._gauges()
+
+    def _gauges(self) -> None:
+        metrics.CLUSTER_MAP_EPOCH.set(self.map.epoch)
+        metrics.SHARDS_OWNED.set(int(self._mine.sum()))
+        metrics.SHARDS_MOVING.set(len(self.moving))
 
     def _owned(self, cluster_map: ClusterMap) -> np.ndarray:
         return np.array([cluster_map.owner_of(s) == self.replica for s in range(cluster_map.shards)], bool)
@@ -47,9 +54,11 @@ class Ownership:
                 f"shard {bad[0]} is not one of this replica's (cluster map epoch {self.map.epoch})"
             )
         self.moving = self.moving | frozenset(shards)
+        self._gauges()
 
     def cancel_handoff(self, shards: Sequence[int]) -> None:
         self.moving = self.moving - frozenset(shards)
+        self._gauges()
 
     def given_away(self, cluster_map: ClusterMap) -> list[int]:
         """The shards this replica serves now that `cluster_map` gives to another."""
@@ -72,11 +81,14 @@ class Ownership:
         self._mine = self._owned(cluster_map)
         self.map = cluster_map
         self.moving = frozenset(shard for shard in self.moving if self._mine[shard])
+        self._gauges()
 
     def _refusal(self, shard: int, stream_id: str, where: str) -> NotOwner | ShardMoving:
         if shard in self.moving:
+            metrics.MISROUTED.labels(reason="moving").inc()
             return ShardMoving(f"{where}shard {shard} is moving to another replica: retry with seq shortly")
         owner = self.map.owner_of(shard)
+        metrics.MISROUTED.labels(reason="not_owner").inc()
         return NotOwner(
             f"{where}stream {quoted(stream_id)} is in shard {shard}, served by replica {owner!r}, "
             f"not {self.replica!r} (cluster map epoch {self.map.epoch})",
