@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: run test lint typecheck unit proto bench bench-quick soak e2e image image-test clean
+.PHONY: run test lint typecheck unit proto bench bench-quick soak fuzz e2e image image-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,11 @@ bench-quick: $(VENV)/.bench-installed
 ## connections): RSS, stalls and status codes, one JSON line per attack plus a table (under a minute).
 soak: $(VENV)/.bench-installed
 	$(BIN)/python -m bench.soak
+
+## Property-based fuzzing of every RPC on a real server with three tenants: 100,000 messages (MESSAGES=n),
+## a fresh seed each run (SEED=n replays one); counts by status code and message kind, then any findings.
+fuzz: $(VENV)/.test-installed
+	$(BIN)/python tests/fuzzing.py --messages $(or $(MESSAGES),100000) $(if $(SEED),--seed $(SEED))
 
 ## cellstream scraped by a real Prometheus (Debian package `prometheus`); every dashboard query returns data.
 e2e: $(VENV)/.test-installed

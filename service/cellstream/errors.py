@@ -38,10 +38,12 @@ class WrongModel(CellStreamError):
 class StaleSequence(CellStreamError):
     """`seq` is neither the next step nor a retry of the last one (FAILED_PRECONDITION)."""
 
-    def __init__(self, stream_id: str, seq: int, step: int) -> None:
+    def __init__(self, stream_id: str, seq: int, step: int, *, reset: bool = False) -> None:
+        # With reset the stream starts over: its next reading is seq 1.
+        following = "seq 1, as reset starts the stream over" if reset else f"seq {step + 1}"
         super().__init__(
             f"stream {quoted(local_id(stream_id))} is at step {step}: seq {seq} is neither the next reading "
-            f"(seq {step + 1}) nor a retry of the last one (seq {step})"
+            f"({following}) nor a retry of the last one (seq {step})"
         )
         self.step = step
 
@@ -68,6 +70,10 @@ class Unauthenticated(CellStreamError):
 
 class PermissionDenied(CellStreamError):
     """The caller's tenant may not use this model or operation (PERMISSION_DENIED)."""
+
+
+class StepLimit(CellStreamError):
+    """The stream is at the highest step a u64 holds; reset it or set its step (FAILED_PRECONDITION)."""
 
 
 class TooManyStreams(CellStreamError):

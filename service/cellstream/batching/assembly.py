@@ -25,9 +25,19 @@ from cellstream.batching.work import (
     StepWork,
     Work,
 )
-from cellstream.errors import CellStreamError, DeadlineExpired, StaleSequence
+from cellstream.errors import CellStreamError, DeadlineExpired, StaleSequence, StepLimit, quoted
+from cellstream.ids import local_id
 from cellstream.model import CellModel
 from cellstream.streams.store import StateStore
+
+HIGHEST_STEP = 2**64 - 1  # steps are u64: a reading past this would wrap to 0
+
+
+def _at_highest_step(which: str) -> StepLimit:
+    return StepLimit(
+        f"a stream {which} would go past step {HIGHEST_STEP}, the highest there is: nothing was "
+        f"applied; reset it or set its step"
+    )
 
 
 class Assembler:
@@ -113,9 +123,12 @@ class Assembler:
                 )
                 return False
             if verdict is Seq.STALE:
-                work.future.set_exception(StaleSequence(work.stream_id, work.seq, step))
+                work.future.set_exception(StaleSequence(work.stream_id, work.seq, step, reset=work.reset))
                 store.forget_unstarted([work.stream_id])
                 return False
+        if step == HIGHEST_STEP and not work.reset:
+            work.future.set_exception(_at_highest_step(quoted(local_id(work.stream_id))))
+            return False
         plan.add_single(work, row, step)
         self._m_queue.observe(now - work.enqueued)
         return True
@@ -190,10 +203,14 @@ class Assembler:
                 except CellStreamError as exc:
                     work.future.set_exception(exc)
                 else:
-                    work.looked_up = None
-                    plan.created += [*work.created, *created]  # (none has run: a failed run drops them)
-                    work.progress = BatchProgress(work, rows)
-                    return work.progress
+                    top = int(self.store.steps[rows].max()) if len(rows) else 0
+                    if top + len(work.waves) <= HIGHEST_STEP:
+                        work.looked_up = None
+                        plan.created += [*work.created, *created]  # (none has run: a failed run drops them)
+                        work.progress = BatchProgress(work, rows)
+                        return work.progress
+                    work.future.set_exception(_at_highest_step("of this batch"))
+                    self.store.delete(created)
         plan.consumed += work.readings
         if work.created:  # streams made for it, a chunk at a time, that never ran
             self.store.delete(work.created)

@@ -15,13 +15,16 @@ from collections.abc import Callable, Sized
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+import numpy as np
+
 from cellstream import metrics
 from cellstream.batching.assembly import Assembler
 from cellstream.batching.plan import Plan
 from cellstream.batching.policy import BatchPolicy, ready_callbacks
 from cellstream.batching.runner import Ran, Runner
 from cellstream.batching.work import BatchWork, ControlWork, RunOutput, StepResult, StepWork, Work
-from cellstream.errors import CellStreamError, ModelFailure, Overloaded
+from cellstream.errors import BadInput, CellStreamError, ModelFailure, Overloaded, quoted
+from cellstream.ids import local_id
 from cellstream.model import CellModel
 from cellstream.streams.store import StateStore
 
@@ -280,7 +283,10 @@ class Batcher:
     # -- completion
 
     def _complete(self, plan: Plan, ran: Ran) -> None:
-        self._m_steps.inc(plan.size)
+        refused = ran.refused
+        if refused is not None:
+            self._refuse_nonfinite(plan, refused)
+        self._m_steps.inc(plan.size if refused is None else plan.size - int(refused.sum()))
         ended: list[str] = []
         names = self.store.names
         singles = len(plan.singles)
@@ -292,6 +298,8 @@ class Batcher:
             )
             steps = ran.steps[:singles].tolist()
             for position, work in enumerate(plan.singles):
+                if refused is not None and refused[position]:  # (answered: nothing of it applied)
+                    continue
                 if work.end:
                     ended.append(work.stream_id)
                 if not work.future.done():
@@ -308,6 +316,8 @@ class Batcher:
                     )
         for progress, take, offset in plan.pieces:
             start, end = singles + offset, singles + offset + len(take)
+            if refused is not None and refused[start]:  # (a piece is refused whole)
+                continue
             states = [value[start:end] for value in ran.states]
             if progress.record(take, ran.outputs[start:end], states, ran.steps[start:end]):
                 future = progress.work.future
@@ -315,6 +325,35 @@ class Batcher:
                     future.set_result(progress.result(names))
         if ended:
             self.store.delete(ended)
+
+    def _refuse_nonfinite(self, plan: Plan, refused: np.ndarray) -> None:
+        """Answer the readings whose result was not finite (their rows were left as they were);
+        streams created for them are deleted again, so the refusal changes nothing."""
+        message = (
+            "the model's result for this reading is not finite (NaN or infinity, from a finite input "
+            "and state): nothing was applied; the stream's state is as before"
+        )
+        gone = []
+        created = set(plan.created)
+        for position, work in enumerate(plan.singles):
+            if refused[position]:
+                if work.stream_id in created:
+                    gone.append(work.stream_id)
+                if not work.future.done():
+                    work.future.set_exception(
+                        BadInput(f"stream {quoted(local_id(work.stream_id))}: {message}")
+                    )
+        singles = len(plan.singles)
+        for progress, take, offset in plan.pieces:
+            if refused[singles + offset]:
+                progress.stop()
+                ids = progress.work.stream_ids
+                gone += [ids[i] for i in take.tolist() if ids[i] in created]
+                if not progress.work.future.done():
+                    first = int(take[0])
+                    progress.work.future.set_exception(BadInput(f"stream_ids[{first}]: {message}"))
+        if gone:
+            self.store.delete(gone)
 
     def _fail(self, plan: Plan, error: CellStreamError) -> None:
         """Fail a plan's work. Streams it created are deleted again: a refused request changes nothing."""

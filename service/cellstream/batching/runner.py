@@ -9,7 +9,7 @@ and the rows of one plan are distinct, so the threads never touch the same row.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -32,6 +32,26 @@ class Ran:
     started: float  # perf_counter
     started_ns: int  # wall clock, for traces
     ended_ns: int
+    # Readings whose result was not finite (NaN or infinity from finite inputs and states): nothing
+    # of theirs was written, and a StepBatch with one is refused whole. None: every result is finite.
+    refused: np.ndarray | None = None
+
+
+def nonfinite(outputs: np.ndarray, states: Sequence[np.ndarray], plan: Plan) -> np.ndarray | None:
+    """The readings whose output or next state is not finite, widened to whole StepBatch pieces;
+    None (the common case) after one float64 sum per array, which no finite float32 overflows."""
+    arrays = [outputs, *states]
+    if all(np.isfinite(a.sum(dtype=np.float64)) for a in arrays):
+        return None
+    bad = np.zeros(len(outputs), bool)
+    for a in arrays:
+        bad |= ~np.isfinite(a.reshape(len(a), -1)).all(axis=1)
+    singles = len(plan.singles)
+    for _, take, offset in plan.pieces:
+        start, end = singles + offset, singles + offset + len(take)
+        if bad[start:end].any():
+            bad[start:end] = True
+    return bad if bad.any() else None
 
 
 class Runner:
@@ -67,8 +87,14 @@ class Runner:
         rows = np.concatenate(rows_parts) if len(rows_parts) > 1 else rows_parts[0]
         x = np.concatenate(x_parts) if len(x_parts) > 1 else x_parts[0]
         n = len(rows)
+        refused = None
         if self.policy.parallel(n) and not plan.resets and not plan.replacements:
             outputs, next_states = self._run_parallel(rows, x)
+            refused = nonfinite(outputs, next_states, plan)
+            if refused is None:
+                self._scatter_parallel(rows, next_states)
+            else:
+                self._scatter(rows, next_states, refused)
         else:
             states = [np.take(slab, rows, axis=0) for slab in store.slabs]  # (faster than slab[rows])
             for position in plan.resets:
@@ -85,15 +111,23 @@ class Runner:
                 outputs, next_states = self._run_chunks(
                     x, lambda start, end: [value[start:end] for value in states], parallel=False
                 )
-            for slab, value in zip(store.slabs, next_states, strict=True):
-                slab[rows] = value
+            refused = nonfinite(outputs, next_states, plan)
+            self._scatter(rows, next_states, refused)
         steps = (np.concatenate(step_parts) if len(step_parts) > 1 else step_parts[0]) + np.uint64(1)
-        store.steps[rows] = steps
-        store.last_output[rows] = outputs
-        store.replayable[rows] = True
-        store.last_seen[rows] = time.monotonic()
+        kept = rows if refused is None else rows[~refused]
+        store.steps[kept] = steps if refused is None else steps[~refused]
+        store.last_output[kept] = outputs if refused is None else outputs[~refused]
+        store.replayable[kept] = True
+        store.last_seen[kept] = time.monotonic()
         self._m_compute.observe(time.perf_counter() - started)
-        return Ran(outputs, next_states, steps, started, started_ns, time.time_ns())
+        return Ran(outputs, next_states, steps, started, started_ns, time.time_ns(), refused)
+
+    def _scatter(self, rows: np.ndarray, next_states: list[np.ndarray], refused: np.ndarray | None) -> None:
+        for slab, value in zip(self.store.slabs, next_states, strict=True):
+            if refused is None:
+                slab[rows] = value
+            else:
+                slab[rows[~refused]] = value[~refused]
 
     def _run_chunks(
         self, x: np.ndarray, gather: Callable[[int, int], list[np.ndarray]], *, parallel: bool
@@ -121,12 +155,17 @@ class Runner:
         return outputs, next_states
 
     def _run_parallel(self, rows: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Gather, run and (once every run succeeded) scatter, each split over the compute threads."""
+        """Gather and run, split over the compute threads."""
         assert self._compute is not None
         slabs = self.store.slabs
-        outputs, next_states = self._run_chunks(
+        return self._run_chunks(
             x, lambda start, end: [np.take(slab, rows[start:end], axis=0) for slab in slabs], parallel=True
         )
+
+    def _scatter_parallel(self, rows: np.ndarray, next_states: list[np.ndarray]) -> None:
+        """The scatter of a run whose every result is finite, split over the compute threads."""
+        assert self._compute is not None
+        slabs = self.store.slabs
 
         def scatter(chunk: tuple[int, int]) -> None:
             start, end = chunk
@@ -135,4 +174,3 @@ class Runner:
 
         n, parts = len(rows), self.policy.compute_threads
         list(self._compute.map(scatter, [(n * i // parts, n * (i + 1) // parts) for i in range(parts)]))
-        return outputs, next_states

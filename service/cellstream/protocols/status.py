@@ -31,6 +31,7 @@ CODES: dict[type[errors.CellStreamError], grpc.StatusCode] = {
     errors.ClusterMapRefused: grpc.StatusCode.FAILED_PRECONDITION,
     errors.ShardMoving: grpc.StatusCode.UNAVAILABLE,
     errors.StaleSequence: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.StepLimit: grpc.StatusCode.FAILED_PRECONDITION,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.TooManyStreams: grpc.StatusCode.RESOURCE_EXHAUSTED,
