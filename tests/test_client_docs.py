@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from cellstream.client import AsyncClient, Client, Stepper
+from cellstream.client import AsyncClient, AsyncClusterClient, Client, ClusterClient, Stepper
 from support import REPO, RunningServer, start_server
 
 GUIDE = REPO / "docs" / "client.md"
@@ -44,6 +44,8 @@ def test_the_guide_has_an_example_for_each_part_of_the_client() -> None:
         "Client(",
         "AsyncClient(",
         "Stepper(",
+        "ClusterClient(",
+        "AsyncClusterClient(",
         "resume=True",
         "seq=",
         "timeout=",
@@ -59,7 +61,7 @@ def test_the_guide_has_an_example_for_each_part_of_the_client() -> None:
 
 def test_the_guide_names_every_public_method() -> None:
     text = GUIDE.read_text()
-    for cls in (Client, AsyncClient, Stepper):
+    for cls in (Client, AsyncClient, Stepper, ClusterClient, AsyncClusterClient):
         for name, _ in inspect.getmembers(cls, inspect.isfunction):
             if not name.startswith("_"):
                 assert f"{name}(" in text, f"docs/client.md does not mention {cls.__name__}.{name}()"

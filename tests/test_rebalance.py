@@ -141,6 +141,7 @@ def test_a_rebalance_stopped_half_way_is_finished_by_running_it_again(cluster: C
     with pytest.raises(grpc.RpcError) as busy:
         cluster.stub(source).Step(pb.StepRequest(stream_id=moving, model="gru", input=[0.0] * 8))
     assert busy.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "cellstream-shard-moving" in dict(busy.value.trailing_metadata() or ())
     assert cluster.rebalance("--add", f"d={d}")["epoch"] == 2
     assert not cluster.map_path.with_name("map.json.next").exists()
     cluster.check_all(2)

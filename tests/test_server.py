@@ -123,6 +123,9 @@ def test_reflection_lists_the_service(server: RunningServer) -> None:
             "ListModels",
             "ExportStates",
             "ImportStates",
+            "GetClusterMap",
+            "SetClusterMap",
+            "BeginHandoff",
         }
 
 

@@ -63,6 +63,10 @@ class ClusterMapRefused(CellStreamError):
 class ShardMoving(CellStreamError):
     """The stream's shard is being handed to another replica; retry with seq (UNAVAILABLE)."""
 
+    def __init__(self, message: str, *, shard: int) -> None:
+        super().__init__(message)
+        self.shard = shard
+
 
 class Unauthenticated(CellStreamError):
     """No token, or one this server does not know (UNAUTHENTICATED)."""

@@ -86,7 +86,9 @@ class Ownership:
     def _refusal(self, shard: int, stream_id: str, where: str) -> NotOwner | ShardMoving:
         if shard in self.moving:
             metrics.MISROUTED.labels(reason="moving").inc()
-            return ShardMoving(f"{where}shard {shard} is moving to another replica: retry with seq shortly")
+            return ShardMoving(
+                f"{where}shard {shard} is moving to another replica: retry with seq shortly", shard=shard
+            )
         owner = self.map.owner_of(shard)
         metrics.MISROUTED.labels(reason="not_owner").inc()
         return NotOwner(

@@ -1,9 +1,12 @@
 """The Python client: `Client` (blocking), `AsyncClient` (asyncio), the coalescing `Stepper`,
-and `CellStreamError`, the one exception type they raise (a subclass per gRPC status).
+`ClusterClient` and `AsyncClusterClient` (each stream's work sent to its replica), and
+`CellStreamError`, the one exception type they raise (a subclass per gRPC status).
 Guide: docs/client.md."""
 
 from cellstream.client.aio import AsyncClient
+from cellstream.client.aio_cluster import AsyncClusterClient
 from cellstream.client.client import CHANNEL_OPTIONS, MAX_MESSAGE, Client
+from cellstream.client.cluster import ClusterClient
 from cellstream.client.coalesce import StepError, Stepper, StepperStats
 from cellstream.client.errors import (
     Aborted,
@@ -17,6 +20,7 @@ from cellstream.client.errors import (
     InvalidArgument,
     NotFound,
     OutOfRange,
+    PartialBatch,
     PermissionDenied,
     ResourceExhausted,
     ResumeError,
@@ -44,10 +48,12 @@ __all__ = [
     "AlreadyExists",
     "ArrayLike",
     "AsyncClient",
+    "AsyncClusterClient",
     "BatchReply",
     "Cancelled",
     "CellStreamError",
     "Client",
+    "ClusterClient",
     "DataLoss",
     "DeadlineExceeded",
     "FailedPrecondition",
@@ -55,6 +61,7 @@ __all__ = [
     "InvalidArgument",
     "NotFound",
     "OutOfRange",
+    "PartialBatch",
     "PermissionDenied",
     "ResourceExhausted",
     "ResumeError",

@@ -8,6 +8,8 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cellstream._proto.cellstream.v1 import cellstream_pb2 as pb
 from cellstream._proto.cellstream.v1 import cellstream_pb2_grpc as pb_grpc
@@ -30,13 +32,14 @@ from cellstream.client.messages import (
     stream_state,
     tensor,
 )
+from cellstream.client.routing import routing_metadata
 from cellstream.client.shapes import InputSizes, reading_problem
 from cellstream.client.tls import TLS
 
 
 class AsyncClient:
-    """asyncio client with the same methods as `Client` (no `resume`, export or import), awaited;
-    `tls` and `token` as for `Client`."""
+    """asyncio client with the same methods as `Client` (no `resume`, export or import, nor the
+    admin's `set_cluster_map`), awaited; `tls` and `token` as for `Client`."""
 
     def __init__(
         self,
@@ -96,8 +99,9 @@ class AsyncClient:
                 sizes = None  # the shape is what is wrong; say so without the model's size
             raise InvalidArgument(reading_problem(x.shape, self._sizes.label(model), sizes))
         request = step_request(stream_id, x, **options)
+        route = routing_metadata(stream_id)
         with self._rpc():
-            return step_reply(await self._stub.Step(request, timeout=self.timeout))
+            return step_reply(await self._stub.Step(request, timeout=self.timeout, metadata=route))
 
     async def step_stream(
         self, requests: Iterable[StepItem] | AsyncIterable[StepItem]
@@ -117,19 +121,35 @@ class AsyncClient:
         self, stream_ids: Sequence[str], inputs: ArrayLike, *, model: str = "", omit_state: bool = False
     ) -> BatchReply:
         """N readings of N streams: `inputs` is (N, F), row i for `stream_ids[i]`."""
+        x = await self._batch_inputs(len(stream_ids), inputs, model)
+        request = batch_request(stream_ids, x, model=model, omit_state=omit_state)
+        with self._rpc():
+            reply = await self._stub.StepBatch(request, timeout=self.timeout)
+        return batch_reply(reply, len(stream_ids))
+
+    async def _batch_inputs(self, n: int, inputs: ArrayLike, model: str) -> np.ndarray:
+        """`inputs` as float32, or InvalidArgument when they are not n readings of `model`."""
         x = as_floats(inputs, "inputs")
         fresh = not self._sizes.knows(model)
         if fresh:
             await self._learn()
-        problem = self._sizes.batch_problem(len(stream_ids), x.shape, model)
+        problem = self._sizes.batch_problem(n, x.shape, model)
         if problem is not None and not fresh:
             await self._learn()  # the sizes may predate a model reload: ask again before refusing
-            problem = self._sizes.batch_problem(len(stream_ids), x.shape, model)
+            problem = self._sizes.batch_problem(n, x.shape, model)
         if problem is not None:
             raise InvalidArgument(problem)
+        return x
+
+    async def _send_batch(
+        self, stream_ids: Sequence[str], x: np.ndarray, *, model: str, omit_state: bool
+    ) -> BatchReply:
+        """A StepBatch of checked inputs (an AsyncClusterClient's part for one replica), with the
+        first id's `x-stream-id`: a proxy sends it to the replica that serves all of its ids."""
         request = batch_request(stream_ids, x, model=model, omit_state=omit_state)
+        route = routing_metadata(stream_ids[0]) if stream_ids else ()
         with self._rpc():
-            reply = await self._stub.StepBatch(request, timeout=self.timeout)
+            reply = await self._stub.StepBatch(request, timeout=self.timeout, metadata=route)
         return batch_reply(reply, len(stream_ids))
 
     async def _input_sizes(self, model: str) -> frozenset[int] | None:
@@ -146,8 +166,9 @@ class AsyncClient:
         await asyncio.shield(self._listing)
 
     async def get_state(self, stream_id: str) -> StreamState:
+        request, route = pb.GetStateRequest(stream_id=stream_id), routing_metadata(stream_id)
         with self._rpc():
-            reply = await self._stub.GetState(pb.GetStateRequest(stream_id=stream_id), timeout=self.timeout)
+            reply = await self._stub.GetState(request, timeout=self.timeout, metadata=route)
         return stream_state(reply)
 
     async def set_state(
@@ -156,15 +177,23 @@ class AsyncClient:
         request = pb.SetStateRequest(
             stream_id=stream_id, model=model, state={n: tensor(v) for n, v in state.items()}, step=step
         )
+        route = routing_metadata(stream_id)
         with self._rpc():
-            return stream_state(await self._stub.SetState(request, timeout=self.timeout))
+            return stream_state(await self._stub.SetState(request, timeout=self.timeout, metadata=route))
 
     async def delete(self, stream_id: str) -> bool:
+        request, route = pb.DeleteStreamRequest(stream_id=stream_id), routing_metadata(stream_id)
         with self._rpc():
-            reply = await self._stub.DeleteStream(
-                pb.DeleteStreamRequest(stream_id=stream_id), timeout=self.timeout
-            )
+            reply = await self._stub.DeleteStream(request, timeout=self.timeout, metadata=route)
         return bool(reply.existed)
+
+    async def get_cluster_map(self) -> pb.ClusterMapInfo:
+        """This server's name in its cluster, and the map it serves by (epoch 0: no map)."""
+        with self._rpc():
+            reply: pb.ClusterMapInfo = await self._stub.GetClusterMap(
+                pb.GetClusterMapRequest(), timeout=self.timeout
+            )
+        return reply
 
     async def list_models(self) -> list[pb.ModelInfo]:
         """The served models and their contracts (also what the shape checks are made against)."""
@@ -173,3 +202,9 @@ class AsyncClient:
         models = list(reply.models)
         self._sizes.learn(models)
         return models
+
+    async def health(self, service: str = "") -> bool:
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        with self._rpc():
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout)
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)

@@ -46,8 +46,10 @@ from cellstream.client.messages import (
     stream_state,
     tensor,
 )
+from cellstream.client.routing import Metadata, routing_metadata
 from cellstream.client.shapes import InputSizes, reading_problem
 from cellstream.client.tls import TLS
+from cellstream.cluster.cluster_map import ClusterMap
 
 MAX_MESSAGE = 64 * 1024 * 1024
 CHANNEL_OPTIONS = [
@@ -84,6 +86,7 @@ class Client:
     With `tls` the channel is TLS (mTLS when it holds a client certificate); without, plaintext.
     With `token` every call carries `authorization: Bearer <token>` (a server with `--auth-file`
     wants one); a token that cannot be a header value is a ValueError here, before connecting.
+    A call about one stream carries `x-stream-id`, so a proxy in front of a cluster routes it.
     """
 
     def __init__(
@@ -174,8 +177,9 @@ class Client:
         return self._sizes.of(model)
 
     def _send_step(self, request: pb.StepRequest) -> pb.StepResponse:
+        route = routing_metadata(request.stream_id)
         with self._rpc():
-            reply: pb.StepResponse = self._stub.Step(request, timeout=self.timeout)
+            reply: pb.StepResponse = self._stub.Step(request, timeout=self.timeout, metadata=route)
         return reply
 
     def _next(self, stream_id: str) -> int:
@@ -240,24 +244,64 @@ class Client:
         self, stream_ids: Sequence[str], inputs: ArrayLike, *, model: str = "", omit_state: bool = False
     ) -> BatchReply:
         """N readings of N streams: `inputs` is (N, F), row i for `stream_ids[i]`."""
-        x = as_floats(inputs, "inputs")
-        fresh = not self._sizes.knows(model)
-        if fresh:
-            self.list_models()
-        problem = self._sizes.batch_problem(len(stream_ids), x.shape, model)
-        if problem is not None and not fresh:
-            self.list_models()  # the sizes may predate a model reload: ask again before refusing
-            problem = self._sizes.batch_problem(len(stream_ids), x.shape, model)
-        if problem is not None:
-            raise InvalidArgument(problem)
+        x = self._batch_inputs(len(stream_ids), inputs, model)
         request = batch_request(stream_ids, x, model=model, omit_state=omit_state)
         with self._rpc():
             reply = self._stub.StepBatch(request, timeout=self.timeout)
         return batch_reply(reply, len(stream_ids))
 
-    def get_state(self, stream_id: str) -> StreamState:
+    def _batch_inputs(self, n: int, inputs: ArrayLike, model: str) -> np.ndarray:
+        """`inputs` as float32, or InvalidArgument when they are not n readings of `model`."""
+        x = as_floats(inputs, "inputs")
+        fresh = not self._sizes.knows(model)
+        if fresh:
+            self.list_models()
+        problem = self._sizes.batch_problem(n, x.shape, model)
+        if problem is not None and not fresh:
+            self.list_models()  # the sizes may predate a model reload: ask again before refusing
+            problem = self._sizes.batch_problem(n, x.shape, model)
+        if problem is not None:
+            raise InvalidArgument(problem)
+        return x
+
+    def _send_batch(
+        self, stream_ids: Sequence[str], x: np.ndarray, *, model: str, omit_state: bool
+    ) -> BatchReply:
+        """A StepBatch of checked inputs (a ClusterClient's part for one replica). Its
+        `x-stream-id` is the first id's: a proxy sends it to the replica that serves all its ids."""
+        request = batch_request(stream_ids, x, model=model, omit_state=omit_state)
+        route = routing_metadata(stream_ids[0]) if stream_ids else ()
         with self._rpc():
-            reply = self._stub.GetState(pb.GetStateRequest(stream_id=stream_id), timeout=self.timeout)
+            reply = self._stub.StepBatch(request, timeout=self.timeout, metadata=route)
+        return batch_reply(reply, len(stream_ids))
+
+    def _start_batch(
+        self, stream_ids: Sequence[str], x: np.ndarray, *, model: str, omit_state: bool
+    ) -> Callable[[], BatchReply]:
+        """As `_send_batch`, without waiting (a ClusterClient's parts are in flight together); the
+        function returned waits for the reply. (A blocking call costs less: grpc answers a future
+        on its own thread, so the caller is woken by another thread.)"""
+        request = batch_request(stream_ids, x, model=model, omit_state=omit_state)
+        route = routing_metadata(stream_ids[0]) if stream_ids else ()
+        with self._rpc():
+            future = self._stub.StepBatch.future(request, timeout=self.timeout, metadata=route)
+
+        def reply() -> BatchReply:
+            with translated():
+                return batch_reply(future.result(), len(stream_ids))
+
+        return reply
+
+    def _open_stream(self, requests: Iterator[pb.StepRequest], route: Metadata) -> Any:
+        """A raw StepStream call (its replies are protobuf, for a ClusterClient to read the owner
+        fields of): an iterator of replies with `cancel()`."""
+        with self._rpc():
+            return self._stub.StepStream(requests, timeout=self.timeout, metadata=route)
+
+    def get_state(self, stream_id: str) -> StreamState:
+        request, route = pb.GetStateRequest(stream_id=stream_id), routing_metadata(stream_id)
+        with self._rpc():
+            reply = self._stub.GetState(request, timeout=self.timeout, metadata=route)
         return stream_state(reply)
 
     def set_state(
@@ -266,13 +310,40 @@ class Client:
         request = pb.SetStateRequest(
             stream_id=stream_id, model=model, state={n: tensor(v) for n, v in state.items()}, step=step
         )
+        route = routing_metadata(stream_id)
         with self._rpc():
-            return stream_state(self._stub.SetState(request, timeout=self.timeout))
+            reply = stream_state(self._stub.SetState(request, timeout=self.timeout, metadata=route))
+        self._forget(stream_id)  # the readings kept for resending predate the state set
+        return reply
 
     def delete(self, stream_id: str) -> bool:
+        request, route = pb.DeleteStreamRequest(stream_id=stream_id), routing_metadata(stream_id)
         with self._rpc():
-            reply = self._stub.DeleteStream(pb.DeleteStreamRequest(stream_id=stream_id), timeout=self.timeout)
+            reply = self._stub.DeleteStream(request, timeout=self.timeout, metadata=route)
+        self._forget(stream_id)
         return bool(reply.existed)
+
+    def _forget(self, stream_id: str) -> None:
+        """A resuming client's numbering and kept readings of a stream set or deleted: the next
+        reading asks the server where the stream is, and nothing older is ever resent."""
+        self._sent.pop(stream_id, None)
+        self._next_seq.pop(stream_id, None)
+
+    def get_cluster_map(self) -> pb.ClusterMapInfo:
+        """This server's name in its cluster, and the map it serves by (epoch 0: no map)."""
+        with self._rpc():
+            reply: pb.ClusterMapInfo = self._stub.GetClusterMap(
+                pb.GetClusterMapRequest(), timeout=self.timeout
+            )
+        return reply
+
+    def set_cluster_map(self, cluster_map: ClusterMap) -> pb.ClusterMapInfo:
+        """Give this server a newer cluster map (an admin's call; an older epoch is refused with
+        FailedPrecondition). It moves no stream: `cellstream cluster rebalance` does that."""
+        request = pb.SetClusterMapRequest(map_json=cluster_map.to_json())
+        with self._rpc():
+            reply: pb.ClusterMapInfo = self._stub.SetClusterMap(request, timeout=self.timeout)
+        return reply
 
     def list_models(self) -> list[pb.ModelInfo]:
         """The served models and their contracts (also what the shape checks are made against)."""

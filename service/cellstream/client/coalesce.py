@@ -1,6 +1,7 @@
 """Client-side coalescing: many tasks' single readings travel as a few StepBatch calls.
 
     stepper = Stepper("127.0.0.1:50051")          # or Stepper(async_client, model="gru")
+    # a cluster: Stepper(AsyncClusterClient(["cellstream-0:50051"])), batches split by owner
     reply = await stepper.step("sensor-1", reading)  # from any number of tasks at once
     await stepper.close()
 
@@ -22,6 +23,9 @@ InvalidArgument. A StepBatch is refused as a whole (nothing applied) when one it
 the server names the item (`stream_ids[i]...`, INVALID_ARGUMENT), that caller gets the error and
 the rest is sent again. Any other failure goes to every caller of the batch. A caller that is
 cancelled before its batch is sent is dropped; once sent, its reading is applied regardless.
+Through an `AsyncClusterClient` a batch is one call per owner: where some parts were applied and
+another failed (`CellStreamError.partial`), the applied readings' callers get their replies, and
+the rule above applies to the rest.
 """
 
 from __future__ import annotations
@@ -29,13 +33,23 @@ from __future__ import annotations
 import asyncio
 import re
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 import numpy as np
 
+from cellstream._proto.cellstream.v1 import cellstream_pb2 as pb
 from cellstream.client.aio import AsyncClient
-from cellstream.client.errors import Cancelled, CellStreamError, InvalidArgument, NotFound, Unknown
+from cellstream.client.errors import (
+    Cancelled,
+    CellStreamError,
+    InvalidArgument,
+    NotFound,
+    PartialBatch,
+    Unknown,
+)
 from cellstream.client.messages import ArrayLike, BatchReply, StepReply, as_floats
 from cellstream.client.shapes import reading_problem
 from cellstream.client.tls import TLS
@@ -45,6 +59,18 @@ _ITEM = re.compile(r"^stream_ids\[(\d+)\]")
 
 # Kept for code written against the stepper's own error type: it is the client's one type now.
 StepError = CellStreamError
+
+
+class BatchClient(Protocol):
+    """What a stepper sends through: an `AsyncClient`, or an `AsyncClusterClient`."""
+
+    async def list_models(self) -> list[pb.ModelInfo]: ...
+
+    async def step_batch(
+        self, stream_ids: Sequence[str], inputs: np.ndarray, *, model: str = "", omit_state: bool = False
+    ) -> BatchReply: ...
+
+    async def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -80,11 +106,12 @@ class StepperStats:
 
 class Stepper:
     """Shared by many tasks: `await step(stream_id, reading)` per reading, sent in StepBatch calls.
-    Given an address, it makes its own `AsyncClient` with `tls` and `token`."""
+    Given an address, it makes its own `AsyncClient` with `tls` and `token`; given an
+    `AsyncClusterClient`, each batch goes to the streams' owners."""
 
     def __init__(
         self,
-        client_or_address: AsyncClient | str,
+        client_or_address: BatchClient | str,
         model: str = "",
         *,
         max_in_flight: int = 2,
@@ -100,7 +127,7 @@ class Stepper:
                 if given is not None:
                     raise ValueError(f"{name} is for an address: a given AsyncClient brings its own channel")
         self._owns_client = isinstance(client_or_address, str)
-        self._client = (
+        self._client: BatchClient = (
             AsyncClient(client_or_address, tls=tls, token=token)
             if isinstance(client_or_address, str)
             else client_or_address
@@ -236,6 +263,10 @@ class Stepper:
                     )
                 except CellStreamError as error:
                     bad = self._bad_item(error, len(batch))
+                    if error.partial is not None:  # (parts of a cluster's batch were applied)
+                        batch, x, bad = self._deliver_applied(batch, x, bad, error.partial)
+                        if not batch:
+                            return
                     if bad is None:
                         self._fail(batch, error)
                         return
@@ -252,6 +283,23 @@ class Stepper:
             self._busy.difference_update(sent_ids)
             self._in_flight -= 1
             self._schedule_flush()
+
+    def _deliver_applied(
+        self, batch: list[_Item], x: np.ndarray, bad: int | None, partial: PartialBatch
+    ) -> tuple[list[_Item], np.ndarray, int | None]:
+        """Answer the callers whose readings were applied; the rest of the batch, and where the
+        named bad item is in it (None if it is not there)."""
+        applied = partial.applied
+        reply = partial.reply
+        rows = np.flatnonzero(applied)
+        self._deliver(
+            [batch[i] for i in rows.tolist()],
+            BatchReply(reply.outputs[rows], {n: v[rows] for n, v in reply.states.items()}, reply.steps[rows]),
+        )
+        rest = np.flatnonzero(~applied)
+        if bad is not None:
+            bad = int(np.searchsorted(rest, bad)) if not applied[bad] else None
+        return [batch[i] for i in rest.tolist()], x[rest], bad
 
     @staticmethod
     def _bad_item(error: CellStreamError, n: int) -> int | None:

@@ -10,18 +10,34 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import grpc
 import grpc.aio
+import numpy as np
 
 from cellstream.protocols.cellstream_v1_wire import STEP_METADATA
+
+if TYPE_CHECKING:
+    from cellstream.client.messages import BatchReply
+
+
+@dataclass(frozen=True)
+class PartialBatch:
+    """What a StepBatch split across replicas applied although a part failed: `applied[i]` says
+    whether reading i was applied, and `reply` holds its row then (zeros otherwise)."""
+
+    applied: np.ndarray
+    reply: BatchReply
 
 
 class CellStreamError(grpc.aio.AioRpcError):
     """A failed call: `code()` (a `grpc.StatusCode`, one subclass per code), `message` (what the
     server or the client said, also `str(error)` and `details()`), and `step`: the stream's
-    current step where the server said it (a stale `seq`), else None."""
+    current step where the server said it (a stale `seq`), else None. `partial` is None but for
+    a `ClusterClient` StepBatch split across replicas of which some parts were applied (a
+    `PartialBatch`): any other refused StepBatch applied nothing."""
 
     status: ClassVar[grpc.StatusCode] = grpc.StatusCode.UNKNOWN
 
@@ -42,6 +58,7 @@ class CellStreamError(grpc.aio.AioRpcError):
         )
         self.message = message
         self.step = step
+        self.partial: PartialBatch | None = None
 
     def details(self) -> str:
         return self.message
@@ -188,7 +205,7 @@ def from_rpc(error: grpc.RpcError) -> CellStreamError:
         return error
     code = error.code() if callable(getattr(error, "code", None)) else grpc.StatusCode.UNKNOWN
     message = (error.details() if callable(getattr(error, "details", None)) else None) or ""
-    trailing = _metadata(error)
+    trailing = trailers_of(error)
     debug = getattr(error, "debug_error_string", None)
     return ERRORS.get(code, Unknown)(
         message or f"the call failed with {code.name} and no message",
@@ -198,7 +215,8 @@ def from_rpc(error: grpc.RpcError) -> CellStreamError:
     )
 
 
-def _metadata(error: grpc.RpcError) -> grpc.aio.Metadata:
+def trailers_of(error: grpc.RpcError) -> grpc.aio.Metadata:
+    """A call's trailing metadata, whether grpc's blocking or asyncio error holds it."""
     read = getattr(error, "trailing_metadata", None)
     pairs: Iterable[tuple[str, Any]] = (read() if callable(read) else None) or ()
     return grpc.aio.Metadata(*((key, value) for key, value in pairs))

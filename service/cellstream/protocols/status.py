@@ -149,8 +149,14 @@ class _Call:
 OWNER_METADATA = ("cellstream-owner", "cellstream-owner-address", "cellstream-map-epoch")
 
 
+MOVING_METADATA = "cellstream-shard-moving"
+
+
 def owner_trailers(error: errors.CellStreamError) -> tuple[tuple[str, str], ...]:
-    """Where a misrouted stream is served, machine-readably, for clients that follow it."""
+    """Where a misrouted stream is served (or that its shard is moving), machine-readably, for
+    clients that follow it or retry."""
+    if isinstance(error, errors.ShardMoving):
+        return ((MOVING_METADATA, str(error.shard)),)
     if not isinstance(error, errors.NotOwner):
         return ()
     return tuple(zip(OWNER_METADATA, (error.owner, error.address, str(error.epoch)), strict=True))
