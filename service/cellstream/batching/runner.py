@@ -39,9 +39,10 @@ class Ran:
 
 def nonfinite(outputs: np.ndarray, states: Sequence[np.ndarray], plan: Plan) -> np.ndarray | None:
     """The readings whose output or next state is not finite, widened to whole StepBatch pieces;
-    None (the common case) after one float64 sum per array, which no finite float32 overflows."""
+    None (the common case) after one float32 sum per array: a NaN or infinity makes the sum so
+    (finite values that overflow it are told apart by the exact check that follows)."""
     arrays = [outputs, *states]
-    if all(np.isfinite(a.sum(dtype=np.float64)) for a in arrays):
+    if all(np.isfinite(a.sum()) for a in arrays):
         return None
     bad = np.zeros(len(outputs), bool)
     for a in arrays:
