@@ -18,6 +18,7 @@ import pytest
 from cellstream._proto.cellstream.v1 import cellstream_pb2 as pb
 from cellstream._proto.cellstream.v1.cellstream_pb2_grpc import CellStreamStub
 from cellstream.cluster.cluster_map import ClusterMap
+from cellstream.cluster.haproxy import render_map
 from reference import reference_sequence
 from support import MODELS, RunningServer, start_server
 
@@ -144,4 +145,37 @@ def test_a_rebalance_stopped_half_way_is_finished_by_running_it_again(cluster: C
     assert "cellstream-shard-moving" in dict(busy.value.trailing_metadata() or ())
     assert cluster.rebalance("--add", f"d={d}")["epoch"] == 2
     assert not cluster.map_path.with_name("map.json.next").exists()
+    cluster.check_all(2)
+
+
+def test_a_rebalance_repoints_haproxy_to_the_new_owners(cluster: Cluster) -> None:
+    from cellstream.client import Client  # noqa: PLC0415 - (it sends x-stream-id, which HAProxy routes by)
+    from test_haproxy_routing import start_proxy  # noqa: PLC0415
+
+    d = f"127.0.0.1:{free_port()}"
+    ClusterMap.read(cluster.map_path).write(cluster.tmp / "d.json")
+    cluster.servers["d"] = start_server(
+        cluster.tmp / "d", "--cluster-map", str(cluster.tmp / "d.json"), "--replica-name", "d", address=d
+    )
+    cluster.addresses["d"] = d
+    proxy = start_proxy(cluster.tmp / "proxy", ClusterMap.read(cluster.map_path), extra={"d": d})
+    try:
+        with Client(proxy.address) as client:
+            for stream_id in STREAMS:
+                assert client.step(stream_id, readings(stream_id, 1)[0], model="gru").step == 1
+            report = cluster.rebalance(
+                "--add",
+                f"d={d}",
+                "--haproxy-socket",
+                str(proxy.socket_path),
+                "--haproxy-map",
+                str(proxy.map_path),
+            )
+            assert report["proxy_routes_set"] == SHARDS // 4
+            for stream_id in STREAMS:  # (a misroute would be FAILED_PRECONDITION from the old owner)
+                assert client.step(stream_id, readings(stream_id, 2)[1], model="gru").step == 2
+        # (the map file too, so that a reload of HAProxy keeps the new routes)
+        assert proxy.map_path.read_text() == render_map(ClusterMap.read(cluster.map_path))
+    finally:
+        proxy.stop()
     cluster.check_all(2)

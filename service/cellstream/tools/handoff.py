@@ -21,6 +21,7 @@ import grpc
 from cellstream._proto.cellstream.v1 import cellstream_pb2 as pb
 from cellstream._proto.cellstream.v1 import cellstream_pb2_grpc as pb_grpc
 from cellstream.cluster.cluster_map import ClusterMap
+from cellstream.cluster.haproxy import apply_commands, haproxy_set_map_commands, write_map_file
 from cellstream.tools.client_options import tls_from, token_from
 
 TIMEOUT = 600.0  # seconds for one export or import of a shard group
@@ -128,6 +129,18 @@ def rebalance(args: argparse.Namespace, replicas: Replicas) -> dict[str, Any]:
     others = {name: new.address_of(name) for name in new.names if name not in targets}
     removed = {name: old.address_of(name) for name in old.names if name not in new.replicas}
     push(replicas, new, {**targets, **others, **removed})
+    proxied = 0
+    if args.haproxy_socket is not None:  # (its map file first: a reload of HAProxy keeps the new routes)
+        write_map_file(new, args.haproxy_map)
+        proxied = apply_commands(
+            args.haproxy_socket, haproxy_set_map_commands(old, new, map_path=args.haproxy_map)
+        )
     new.write(args.map)
     args.map.with_name(args.map.name + ".next").unlink(missing_ok=True)
-    return {"epoch": new.epoch, "shards_moved": sum(map(len, groups.values())), "streams_moved": moved}
+    shards_moved = sum(map(len, groups.values()))
+    return {
+        "epoch": new.epoch,
+        "shards_moved": shards_moved,
+        "streams_moved": moved,
+        "proxy_routes_set": proxied,
+    }

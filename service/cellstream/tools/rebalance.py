@@ -28,6 +28,17 @@ def register(cluster_commands: Any) -> None:
     move.add_argument("--map", type=Path, required=True, help="the cluster map file; rewritten at the end")
     move.add_argument("--add", action="append", default=[], type=_replica, metavar="NAME=HOST:PORT")
     move.add_argument("--remove", action="append", default=[], metavar="NAME")
+    move.add_argument(
+        "--haproxy-socket",
+        type=Path,
+        help="HAProxy's runtime-API socket: its routes are set to the new owners without a reload "
+        "(its config must have a backend for every replica: `cluster haproxy --also NAME=ADDR`)",
+    )
+    move.add_argument(
+        "--haproxy-map",
+        type=Path,
+        help="the shards.map file that HAProxy's config names (rewritten, and named in the commands)",
+    )
     add_client_arguments(move)
     move.set_defaults(func=_run_rebalance)
     status = cluster_commands.add_parser("status", help="every replica's map epoch, and any hand-off planned")
@@ -46,8 +57,14 @@ def _replica(text: str) -> tuple[str, str]:
 def _run_rebalance(args: argparse.Namespace) -> int:
     import grpc  # noqa: PLC0415
 
+    from cellstream.cluster.haproxy import RuntimeAPIError  # noqa: PLC0415
     from cellstream.tools.handoff import Replicas, rebalance  # noqa: PLC0415
 
+    if (args.haproxy_socket is None) != (args.haproxy_map is None):
+        print(
+            "cellstream cluster rebalance: give --haproxy-socket and --haproxy-map together", file=sys.stderr
+        )
+        return EXIT_USAGE
     try:
         replicas = Replicas(args)
     except ValueError as exc:
@@ -61,6 +78,12 @@ def _run_rebalance(args: argparse.Namespace) -> int:
     except grpc.RpcError as exc:
         print(
             f"cellstream cluster rebalance: {exc.code().name}: {exc.details()} (run it again to finish)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    except RuntimeAPIError as exc:
+        print(
+            f"cellstream cluster rebalance: {exc}: the replicas hold the new map; run it again",
             file=sys.stderr,
         )
         return EXIT_FAILED
