@@ -4,6 +4,7 @@ on StepStream), a StepBatch naming one is refused whole, and nothing is applied.
 
 from __future__ import annotations
 
+import socket
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -191,3 +192,29 @@ def test_the_map_epoch_shards_and_misroutes_are_on_metrics(cluster: tuple[Cluste
     assert values["cellstream_cluster_map_epoch"] == cmap.epoch
     assert values["cellstream_shards_owned"] == len(cmap.shards_owned("alpha"))
     assert values['cellstream_misrouted_total{reason="not_owner"}'] >= 1
+
+
+def test_a_replica_that_missed_a_map_takes_the_newest_its_peers_hold_at_start(tmp_path: Path) -> None:
+    ports = {}
+    for name in ("alpha", "beta"):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            ports[name] = f"127.0.0.1:{probe.getsockname()[1]}"
+    first = ClusterMap.initial(ports, SHARDS)
+    second, _ = first.rebalanced(remove=["alpha"])  # epoch 2: beta has every shard
+    beta_map, alpha_map = tmp_path / "beta.json", tmp_path / "alpha.json"
+    second.write(beta_map)
+    first.write(alpha_map)  # alpha was away when epoch 2 went out
+    beta = start_server(
+        tmp_path / "b", "--cluster-map", str(beta_map), "--replica-name", "beta", address=ports["beta"]
+    )
+    alpha = start_server(
+        tmp_path / "a", "--cluster-map", str(alpha_map), "--replica-name", "alpha", address=ports["alpha"]
+    )
+    try:
+        assert "cluster map: epoch 2 from a peer replaces epoch 1" in alpha.log()
+        assert ClusterMap.read(alpha_map) == second
+        with grpc.insecure_channel(alpha.address) as channel:
+            assert CellStreamStub(channel).GetClusterMap(pb.GetClusterMapRequest()).epoch == 2
+    finally:
+        assert alpha.stop() == 0 and beta.stop() == 0

@@ -475,3 +475,14 @@ def test_a_tenant_limited_to_some_models_exports_and_imports_all_of_them(tenants
         s.DeleteStream(pb.DeleteStreamRequest(stream_id="all-1"), metadata=bearer("acme"))
         s.ImportStates(iter([pb.SnapshotChunk(data=data)]), metadata=bearer("acme"), timeout=10)
         assert s.GetState(pb.GetStateRequest(stream_id="all-1"), metadata=bearer("acme")).step == 1
+
+
+def test_get_cluster_map_needs_no_token_and_setting_one_needs_an_admin(tenants: RunningServer) -> None:
+    with stub(tenants) as s:
+        assert s.GetClusterMap(pb.GetClusterMapRequest(), timeout=10).epoch == 0
+        request = pb.SetClusterMapRequest(map_json="{}")
+        assert code_of(s.SetClusterMap, request, None) == grpc.StatusCode.UNAUTHENTICATED
+        assert (
+            code_of(s.BeginHandoff, pb.HandoffRequest(shards=[0]), "acme")
+            == grpc.StatusCode.PERMISSION_DENIED
+        )

@@ -130,6 +130,11 @@ class Settings:
             "rule": CLUSTER_MAP,
         },
     )
+    cluster_peer_timeout: float = setting(
+        0.5,
+        INTERVAL,
+        "at start, ask each peer of --cluster-map for a newer map, waiting this long (0 = do not ask)",
+    )
     replica_name: str = setting(
         "", TEXT, "this replica's name in --cluster-map ('' = the host name, a pod's name)"
     )

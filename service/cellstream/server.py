@@ -34,6 +34,7 @@ from cellstream.ownership import ownership_from
 from cellstream.protocols import kserve_v2
 from cellstream.protocols.auth import Authenticator
 from cellstream.protocols.cellstream_v1 import CellStreamServicer, add_to_server
+from cellstream.protocols.cluster_peers import catch_up
 from cellstream.protocols.prometheus_http import MetricsEndpoint
 from cellstream.protocols.tls import GrpcTls, grpc_tls, metrics_tls
 from cellstream.protocols.tracing import Tracing
@@ -168,6 +169,8 @@ class Server:
         except ValueError as exc:  # (it changed since the settings were checked)
             await self.engine.stop()
             raise SettingError(f"{names_of('auth_file')}: {exc}") from None
+        if self.engine.ownership is not None:
+            await catch_up(self.engine.ownership, settings, tls=self._tls is not None)
         self.engine.start()
         server = grpc.aio.server(options=grpc_options(settings))
         # protocols: composed here. Each authenticates its calls with `self.auth`; health and

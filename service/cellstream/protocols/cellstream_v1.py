@@ -285,7 +285,7 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
         restored, dropped = await self.durability.import_file(data, tenant=tenant)  # (no copy of the file)
         return pb.ImportStatesResponse(restored=restored, dropped=dropped)
 
-    @rpc("GetClusterMap")
+    @rpc("GetClusterMap", public=True)  # (topology, no stream data: replicas and clients find owners)
     async def GetClusterMap(
         self, request: pb.GetClusterMapRequest, context: Context, tenant: Tenant
     ) -> pb.ClusterMapInfo:

@@ -17,6 +17,7 @@ from cellstream.engine import Engine
 from cellstream.protocols.access_log import AccessLog
 from cellstream.protocols.auth import Authenticator
 from cellstream.protocols.tracing import Tracing
+from cellstream.tenants import Tenant
 
 Context = grpc.aio.ServicerContext[Any, Any]
 Req = TypeVar("Req")
@@ -146,6 +147,7 @@ class _Call:
             servicer.tracing.finish(self.span, model, code)
 
 
+NOBODY = Tenant("", models=frozenset())  # the caller of a public RPC: no model, not an admin
 OWNER_METADATA = ("cellstream-owner", "cellstream-owner-address", "cellstream-map-epoch")
 
 
@@ -177,12 +179,14 @@ def rpc(
     model: Callable[[Any], str | None] = lambda request: None,
     reply_model: Callable[[Any], str] | None = None,
     trailing: Callable[[errors.CellStreamError], Any] = lambda error: (),
+    public: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Wrap a handler (a coroutine, or an async generator for a streamed reply): authenticate the
     call (the handler gets its tenant as a fourth argument), time it, trace it, label it by
     `model(request)` (None: the RPC names no model; `reply_model(reply)` on success, where the reply
     knows better), and turn a domain error into its status code, with `trailing(error)` as
-    trailing metadata."""
+    trailing metadata. A `public` RPC (no stream data, like health) needs no token: its handler
+    gets a tenant that may do nothing."""
 
     def label_of(request: Any) -> str | None:
         return None if request.__class__ is Malformed else model(request)
@@ -220,7 +224,7 @@ def rpc(
         async def unary(self: Servicer, request: Any, context: Context) -> Any:
             call = _Call(self, method, request, context)
             try:
-                tenant = self.auth.tenant_of(context)
+                tenant = NOBODY if public else self.auth.tenant_of(context)
                 if request.__class__ is Malformed:
                     raise request.error()
                 reply = await handler(self, request, context, tenant)
