@@ -266,3 +266,35 @@ def test_a_rebalance_3_to_4_under_load_keeps_every_reading_once_on_its_new_owner
         assert trailers["cellstream-owner"] == "d", trailers
         assert trailers["cellstream-owner-address"] == cluster.addresses["d"]
         assert trailers["cellstream-map-epoch"] == str(after.epoch)
+
+
+def run_rebalance(cluster: Cluster, *args: str) -> dict[str, object]:
+    command = [
+        sys.executable,
+        "-m",
+        "cellstream",
+        "cluster",
+        "rebalance",
+        "--map",
+        str(cluster.map_path),
+        *args,
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+
+def test_a_rebalance_4_to_3_under_load_keeps_every_reading_once(
+    cluster: Cluster, readings: np.ndarray, expected: list[tuple[np.ndarray, np.ndarray]]
+) -> None:
+    cluster.addresses["d"] = f"127.0.0.1:{free_port()}"
+    cluster.start("d")
+    assert run_rebalance(cluster, "--add", f"d={cluster.addresses['d']}")["epoch"] == 2  # (no load yet)
+    with Load(cluster.seeds, readings, hold_at=STEPS * 2 // 3) as load:
+        wait_for(lambda: load.sent >= STREAMS * STEPS // 3 or load.failure, timeout=30)
+        report = run_rebalance(cluster, "--remove", "c")
+        load.resume.set()
+        load.finished()
+    assert report["epoch"] == 3 and report["shards_moved"] == SHARDS // 4
+    after = assert_every_stream_uninterrupted(cluster, load, expected)
+    assert "c" not in after.replicas
