@@ -227,27 +227,9 @@ def test_a_rebalance_3_to_4_under_load_keeps_every_reading_once_on_its_new_owner
     with Load(cluster.seeds, readings, hold_at=STEPS * 2 // 3) as load:
         wait_for(lambda: load.sent >= STREAMS * STEPS // 3 or load.failure, timeout=30)
         moving_at = load.sent
-        add = ["--add", f"d={cluster.addresses['d']}"]
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "cellstream",
-                "cluster",
-                "rebalance",
-                "--map",
-                str(cluster.map_path),
-                *add,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        report = run_rebalance(cluster, "--add", f"d={cluster.addresses['d']}")
         load.resume.set()
         load.finished()
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
     assert report["epoch"] == before.epoch + 1 and report["shards_moved"] == SHARDS // 4
     assert moving_at < STREAMS * STEPS * 2 // 3, "the move should start while the readings are sent"
     after = assert_every_stream_uninterrupted(cluster, load, expected)

@@ -304,13 +304,7 @@ def _own(sections: Sequence[ModelSection], tenant: Tenant) -> list[ModelSection]
     for section in sections:
         rows = section.rows
         keep = [i for i, key in enumerate(rows.ids) if tenant.owns(key)]
-        mine = StreamRows(
-            ids=[local_id(rows.ids[i]) for i in keep],
-            steps=rows.steps[keep],
-            replayable=rows.replayable[keep],
-            last_output=rows.last_output[keep],
-            states=[state[keep] for state in rows.states],
-        )
+        mine = rows.take(keep, [local_id(rows.ids[i]) for i in keep])
         owned.append(dataclasses.replace(section, rows=mine))
     return owned
 
@@ -336,13 +330,5 @@ def _of_shards(
     for section in sections:
         rows = section.rows
         keep = np.flatnonzero(np.isin(shards_of_keys(rows.ids), list(shards)))
-        ids = [rows.ids[i] for i in keep.tolist()]
-        part = StreamRows(
-            ids=ids,
-            steps=rows.steps[keep],
-            replayable=rows.replayable[keep],
-            last_output=rows.last_output[keep],
-            states=[state[keep] for state in rows.states],
-        )
-        kept.append(dataclasses.replace(section, rows=part))
+        kept.append(dataclasses.replace(section, rows=rows.take(keep.tolist())))
     return kept

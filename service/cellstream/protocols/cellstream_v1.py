@@ -26,7 +26,16 @@ from cellstream.protocols.access_log import AccessLog
 from cellstream.protocols.auth import Authenticator
 from cellstream.protocols.cellstream_v1_stream import UNNAMED, Slot, StreamCall
 from cellstream.protocols.cellstream_v1_wire import STEP_METADATA, StepReplies, batch_reply
-from cellstream.protocols.status import Context, Malformed, RequestMetrics, code_of, deadline_of, parser, rpc
+from cellstream.protocols.status import (
+    Context,
+    Malformed,
+    RequestMetrics,
+    code_of,
+    deadline_of,
+    open_streaming_call,
+    parser,
+    rpc,
+)
 from cellstream.protocols.tracing import Tracing
 from cellstream.tenants import Tenant
 
@@ -118,14 +127,7 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
 
         The call is authenticated once, at its start; when the auth file changes, its token is
         looked up again before the next reading (a revoked token's readings are refused in-band)."""
-        auth = self.auth
-        try:
-            digest = auth.digest_of(context.invocation_metadata())
-            tenant = auth.tenant_for(digest)
-            tenant.open_stream_call()
-        except errors.CellStreamError as exc:
-            self.request_metrics.observe("StepStream", None, code_of(exc), time.perf_counter())
-            await context.abort(code_of(exc), str(exc))
+        digest, tenant = await open_streaming_call(self, "StepStream", context)
         try:
             async for reply in self._stream(request_iterator, context, digest, tenant):
                 yield reply

@@ -33,7 +33,16 @@ from cellstream.protocols.kserve_v2_stats import Statistics
 from cellstream.protocols.kserve_v2_stream import Order, Slot
 from cellstream.protocols.kserve_v2_unserved import UNSERVED, unserved
 from cellstream.protocols.kserve_v2_wire import FINAL_PARAMETER, InferReplies
-from cellstream.protocols.status import Context, Malformed, RequestMetrics, code_of, deadline_of, parser, rpc
+from cellstream.protocols.status import (
+    Context,
+    Malformed,
+    RequestMetrics,
+    code_of,
+    deadline_of,
+    open_streaming_call,
+    parser,
+    rpc,
+)
 from cellstream.protocols.tracing import Tracing
 from cellstream.tenants import Tenant
 
@@ -243,14 +252,7 @@ class KServeServicer:
         """One reply per request in request order, errors in-band (the call goes on), each timed
         on its own. Authenticated at the start, and again before the next request when the auth
         file changed (a revoked token's requests are refused in-band)."""
-        auth = self.auth
-        try:
-            digest = auth.digest_of(context.invocation_metadata())
-            tenant = auth.tenant_for(digest)
-            tenant.open_stream_call()
-        except errors.CellStreamError as exc:
-            self.request_metrics.observe("ModelStreamInfer", None, code_of(exc), time.perf_counter())
-            await context.abort(code_of(exc), str(exc))
+        digest, tenant = await open_streaming_call(self, "ModelStreamInfer", context)
         try:
             async for reply in self._stream(request_iterator, context, digest, tenant):
                 yield reply

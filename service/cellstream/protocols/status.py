@@ -164,6 +164,22 @@ def owner_trailers(error: errors.CellStreamError) -> tuple[tuple[str, str], ...]
     return tuple(zip(OWNER_METADATA, (error.owner, error.address, str(error.epoch)), strict=True))
 
 
+async def open_streaming_call(servicer: Servicer, method: str, context: Context) -> tuple[bytes, Tenant]:
+    """Authenticate a bidirectional call once, at its start, and count it against its tenant's
+    max_stream_calls; a refusal ends the call with its code. Returns (the token's digest, for a
+    look-up again after a reload; the tenant). The caller closes it: `tenant.close_stream_call()`."""
+    auth = servicer.auth
+    try:
+        digest = auth.digest_of(context.invocation_metadata())
+        tenant = auth.tenant_for(digest)
+        tenant.open_stream_call()
+    except errors.CellStreamError as exc:
+        servicer.request_metrics.observe(method, None, code_of(exc), time.perf_counter())
+        await context.abort(code_of(exc), str(exc))
+        raise  # (abort raised already)
+    return digest, tenant
+
+
 async def abort(
     context: Context, error: errors.CellStreamError, trailing: Callable[[errors.CellStreamError], Any]
 ) -> None:

@@ -290,6 +290,16 @@ class StreamRows:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def take(self, keep: Sequence[int] | np.ndarray, ids: list[str] | None = None) -> StreamRows:
+        """The streams at positions `keep` (under other ids, when given: one per kept stream)."""
+        return StreamRows(
+            ids=[self.ids[i] for i in keep] if ids is None else ids,
+            steps=self.steps[keep],
+            replayable=self.replayable[keep],
+            last_output=self.last_output[keep],
+            states=[state[keep] for state in self.states],
+        )
+
     @staticmethod
     def concat(parts: Sequence[StreamRows]) -> StreamRows:
         """Join copies; pass at least one part (an empty copy gives the shapes)."""
