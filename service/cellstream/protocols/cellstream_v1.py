@@ -7,7 +7,6 @@ leave as bytes written by cellstream_v1_wire.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -22,10 +21,11 @@ from cellstream._proto.cellstream.v1 import cellstream_pb2_grpc as pb_grpc
 from cellstream.cluster.cluster_map import ClusterMap
 from cellstream.durability import Durability
 from cellstream.engine import Engine, Sink, StepResult, StreamView, TensorValue
+from cellstream.ids import MAX_ID_BYTES
 from cellstream.protocols.access_log import AccessLog
 from cellstream.protocols.auth import Authenticator
-from cellstream.protocols.cellstream_v1_stream import UNNAMED, Slot, StreamCall
 from cellstream.protocols.cellstream_v1_wire import STEP_METADATA, StepReplies, batch_reply
+from cellstream.protocols.reply_order import UNNAMED, Order, Slot
 from cellstream.protocols.status import (
     Context,
     Malformed,
@@ -48,6 +48,18 @@ def _request_model(request: Any) -> str:
 
 def _reply_model(reply: Any) -> str:
     return str(reply.model)
+
+
+def _note(request: pb.StepRequest) -> tuple[str, str, int]:
+    """What a StepStream reply needs of its request: never the request itself (a client that does
+    not read its replies must not make the server hold its messages), each string cut to the id
+    limit."""
+    stream_id, model = request.stream_id, request.model
+    return (
+        stream_id if len(stream_id) <= MAX_ID_BYTES else "",
+        model if len(model) <= MAX_ID_BYTES else UNNAMED,
+        request.request_id,
+    )
 
 
 def _step_trailing(error: errors.CellStreamError) -> tuple[tuple[str, str], ...]:
@@ -123,111 +135,65 @@ class CellStreamServicer(pb_grpc.CellStreamServicer):
     async def StepStream(
         self, request_iterator: AsyncIterator[pb.StepRequest | Malformed], context: Context
     ) -> AsyncIterator[pb.StepResponse | bytes]:
-        """Errors go in-band, one reply per request, so this call is timed per message, not as a whole.
-
-        The call is authenticated once, at its start; when the auth file changes, its token is
-        looked up again before the next reading (a revoked token's readings are refused in-band)."""
-        digest, tenant = await open_streaming_call(self, "StepStream", context)
-        try:
-            async for reply in self._stream(request_iterator, context, digest, tenant):
-                yield reply
-        finally:
-            tenant.close_stream_call()
-
-    async def _stream(
-        self,
-        request_iterator: AsyncIterator[pb.StepRequest | Malformed],
-        context: Context,
-        digest: bytes,
-        tenant: Tenant,
-    ) -> AsyncIterator[pb.StepResponse | bytes]:
-        auth = self.auth
-        generation = auth.generation
-        refused: errors.CellStreamError | None = None
-        call = StreamCall(asyncio.get_running_loop(), self.stream_window)
+        """Errors go in-band, one reply per request, so this call is timed per message, not as a
+        whole. Authenticated at the start, and again before the next reading when the auth file
+        changed (see StreamCaller)."""
+        caller = await open_streaming_call(self, "StepStream", context)
         deadline = deadline_of(context)
-        slots = call.slots
         started = time.perf_counter()
+        answered = failures = 0
         code = grpc.StatusCode.CANCELLED  # unless the call ends normally
 
-        async def read() -> None:
-            nonlocal generation, refused, tenant
+        def start(request: pb.StepRequest | Malformed, order: Order) -> Slot:
+            arrived = time.perf_counter()
+            if isinstance(request, Malformed):  # answered in-band; the call goes on
+                slot = Slot(order, arrived, ("", UNNAMED, 0))
+                slot.set_exception(request.error())
+                return slot
+            slot = Slot(order, arrived, _note(request))
             try:
-                async for request in request_iterator:
-                    started = time.perf_counter()
-                    if auth.generation != generation:  # the auth file changed: is the token still good?
-                        generation = auth.generation
-                        try:
-                            tenant, refused = auth.tenant_for(digest), None
-                        except errors.Unauthenticated as exc:
-                            refused = exc
-                    if isinstance(request, Malformed):  # answered in-band; the call goes on
-                        slot = Slot(call, "", UNNAMED, 0, started)
-                        slots.append(slot)
-                        slot.set_exception(request.error())
-                    else:
-                        slot = Slot(call, request.stream_id, request.model, request.request_id, started)
-                        slots.append(slot)
-                        try:
-                            if refused is not None:
-                                raise refused
-                            self._queue(slot, request, deadline, tenant)
-                        except errors.CellStreamError as exc:
-                            slot.set_exception(exc)
-                    # The window is the flow control: with `stream_window` replies unsent, reading
-                    # stops, and HTTP/2 pushes back on the client instead of the server buffering.
-                    if len(slots) >= call.window:
-                        await call.wait_for_space()
-            finally:
-                call.wake()
+                self._queue(slot, request, deadline, caller.tenant())
+            except errors.CellStreamError as exc:
+                slot.set_exception(exc)
+            return slot
 
-        reader = asyncio.create_task(read())
+        order = Order(self.stream_window)
         try:
-            while True:
-                # Replies go out in request order, as each one at the head is ready.
-                while slots and slots[0].finished:
-                    slot = slots.popleft()
-                    call.freed()
-                    call.replied += 1
-                    call.errors += slot.error is not None
-                    yield self._stream_reply(slot)
-                if not slots and reader.done():
-                    break
-                await call.wait()
-            await reader  # a failed read (the client went away) ends the call with its error
+            async for slot in order.serve(request_iterator, start):
+                answered += 1
+                failures += slot.error is not None
+                yield self._stream_reply(slot)
             code = grpc.StatusCode.OK
         finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader
-            for slot in slots:
-                slot.finished = True  # the batcher skips readings whose caller is gone
+            caller.close()
             if self.access_log is not None:
+                unanswered = len(order.slots)
                 self.access_log.record(
                     "StepStream",
                     None,
                     code,
                     time.perf_counter() - started,
                     context.peer(),
-                    messages=call.replied + len(slots),
-                    errors=call.errors,
-                    unanswered=len(slots),
+                    messages=answered + unanswered,
+                    errors=failures,
+                    unanswered=unanswered,
                 )
 
     def _stream_reply(self, slot: Slot) -> pb.StepResponse | bytes:
+        stream_id, model, request_id = slot.note
         if slot.error is not None:
             if not isinstance(slot.error, errors.CellStreamError):
                 raise slot.error
             code = code_of(slot.error)
-            self.request_metrics.observe("StepStream", slot.model, code, slot.started)
+            self.request_metrics.observe("StepStream", model, code, slot.started)
             error = pb.Error(code=code.value[0], message=str(slot.error))
             if isinstance(slot.error, errors.NotOwner):
                 error.owner, error.owner_address = slot.error.owner, slot.error.address
                 error.map_epoch = slot.error.epoch
-            return pb.StepResponse(stream_id=slot.stream_id, request_id=slot.request_id, error=error)
+            return pb.StepResponse(stream_id=stream_id, request_id=request_id, error=error)
         assert slot.result is not None
-        self.request_metrics.observe("StepStream", slot.model, grpc.StatusCode.OK, slot.started)
-        return self._replies.encode(slot.result, slot.request_id, slot.stream_id)
+        self.request_metrics.observe("StepStream", model, grpc.StatusCode.OK, slot.started)
+        return self._replies.encode(slot.result, request_id, stream_id)
 
     @rpc("StepBatch", model=_request_model)
     async def StepBatch(self, request: pb.StepBatchRequest, context: Context, tenant: Tenant) -> bytes:

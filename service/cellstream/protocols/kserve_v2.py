@@ -30,9 +30,9 @@ from cellstream.protocols.auth import Authenticator
 from cellstream.protocols.kserve_v2_models import index_entry, model_config, model_metadata
 from cellstream.protocols.kserve_v2_request import Signature, deadline, decode
 from cellstream.protocols.kserve_v2_stats import Statistics
-from cellstream.protocols.kserve_v2_stream import Order, Slot
 from cellstream.protocols.kserve_v2_unserved import UNSERVED, unserved
 from cellstream.protocols.kserve_v2_wire import FINAL_PARAMETER, InferReplies
+from cellstream.protocols.reply_order import UNNAMED, Order, Slot
 from cellstream.protocols.status import (
     Context,
     Malformed,
@@ -48,7 +48,6 @@ from cellstream.tenants import Tenant
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 EXTENSIONS = ("sequence", "sequence(string_id)", "statistics", "model_configuration")
-UNNAMED = "\x00"  # a model label no served model has: counted as "unknown"
 
 
 def _model_label(request: Any) -> str:
@@ -251,38 +250,15 @@ class KServeServicer:
     ) -> AsyncIterator[bytes]:
         """One reply per request in request order, errors in-band (the call goes on), each timed
         on its own. Authenticated at the start, and again before the next request when the auth
-        file changed (a revoked token's requests are refused in-band)."""
-        digest, tenant = await open_streaming_call(self, "ModelStreamInfer", context)
-        try:
-            async for reply in self._stream(request_iterator, context, digest, tenant):
-                yield reply
-        finally:
-            tenant.close_stream_call()
-
-    async def _stream(
-        self,
-        request_iterator: AsyncIterator[pb.ModelInferRequest | Malformed],
-        context: Context,
-        digest: bytes,
-        tenant: Tenant,
-    ) -> AsyncIterator[bytes]:
-        auth = self.auth
-        generation = auth.generation
-        refused: errors.CellStreamError | None = None
+        file changed (see StreamCaller)."""
+        caller = await open_streaming_call(self, "ModelStreamInfer", context)
         call_deadline = deadline_of(context)
         began = time.perf_counter()
         answered = failures = 0
         code = grpc.StatusCode.CANCELLED  # unless the call ends normally
 
         def start(request: pb.ModelInferRequest | Malformed, order: Order) -> Slot:
-            nonlocal generation, refused, tenant
             arrived = time.perf_counter()
-            if auth.generation != generation:  # the auth file changed: is the token still good?
-                generation = auth.generation
-                try:
-                    tenant, refused = auth.tenant_for(digest), None
-                except errors.Unauthenticated as exc:
-                    refused = exc
             if isinstance(request, Malformed):
                 slot = Slot(order, arrived, _Reply(UNNAMED, ""))
                 slot.set_exception(request.error())
@@ -291,8 +267,7 @@ class KServeServicer:
             slot = Slot(order, arrived, note)
             try:
                 note.request_id = _request_id(request)
-                if refused is not None:
-                    raise refused
+                tenant = caller.tenant()
                 signature = note.signature = self._signature(
                     request.model_name, request.model_version, tenant
                 )
@@ -310,6 +285,7 @@ class KServeServicer:
                 yield self._stream_reply(slot)
             code = grpc.StatusCode.OK
         finally:
+            caller.close()
             if self.access_log is not None:
                 unanswered = len(order.slots)
                 self.access_log.record(

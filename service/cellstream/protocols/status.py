@@ -164,10 +164,39 @@ def owner_trailers(error: errors.CellStreamError) -> tuple[tuple[str, str], ...]
     return tuple(zip(OWNER_METADATA, (error.owner, error.address, str(error.epoch)), strict=True))
 
 
-async def open_streaming_call(servicer: Servicer, method: str, context: Context) -> tuple[bytes, Tenant]:
-    """Authenticate a bidirectional call once, at its start, and count it against its tenant's
-    max_stream_calls; a refusal ends the call with its code. Returns (the token's digest, for a
-    look-up again after a reload; the tenant). The caller closes it: `tenant.close_stream_call()`."""
+class StreamCaller:
+    """Who makes a bidirectional call: authenticated once, at its start, and looked up again
+    before the next request whenever the auth file changed (a revoked token's requests are then
+    refused in-band, the call going on)."""
+
+    __slots__ = ("_auth", "_digest", "_generation", "_opened", "_refused", "_tenant")
+
+    def __init__(self, auth: Authenticator, digest: bytes, tenant: Tenant) -> None:
+        self._auth, self._digest, self._tenant = auth, digest, tenant
+        self._opened = tenant  # (the one whose max_stream_calls this call counts against)
+        self._generation = auth.generation
+        self._refused: errors.Unauthenticated | None = None
+
+    def tenant(self) -> Tenant:
+        """The caller's tenant now (Unauthenticated once its token is gone from the auth file)."""
+        auth = self._auth
+        if auth.generation != self._generation:
+            self._generation = auth.generation
+            try:
+                self._tenant, self._refused = auth.tenant_for(self._digest), None
+            except errors.Unauthenticated as exc:
+                self._refused = exc
+        if self._refused is not None:
+            raise self._refused
+        return self._tenant
+
+    def close(self) -> None:
+        self._opened.close_stream_call()
+
+
+async def open_streaming_call(servicer: Servicer, method: str, context: Context) -> StreamCaller:
+    """Authenticate a bidirectional call and count it against its tenant's max_stream_calls; a
+    refusal ends the call with its code. The caller closes it: `StreamCaller.close()`."""
     auth = servicer.auth
     try:
         digest = auth.digest_of(context.invocation_metadata())
@@ -177,7 +206,7 @@ async def open_streaming_call(servicer: Servicer, method: str, context: Context)
         servicer.request_metrics.observe(method, None, code_of(exc), time.perf_counter())
         await context.abort(code_of(exc), str(exc))
         raise  # (abort raised already)
-    return digest, tenant
+    return StreamCaller(auth, digest, tenant)
 
 
 async def abort(

@@ -1,5 +1,5 @@
-"""The reply order of a bidirectional streaming call: one reply per request, in request order,
-with at most `window` unsent (ModelStreamInfer).
+"""The reply order of a bidirectional streaming call (StepStream, ModelStreamInfer): one reply
+per request, in request order, with at most `window` unsent.
 
 Requests are read and queued as they come, so that one call carrying many sequences batches like
 many callers; the batcher fills each request's slot as it would a future, and the writer, woken
@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from cellstream.engine import StepResult
+
+UNNAMED = "\x00"  # a model label no served model has: counted as "unknown"
 
 R = TypeVar("R")
 
